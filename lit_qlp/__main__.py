@@ -1,0 +1,3 @@
+from lit_qlp.cli import main
+
+main()

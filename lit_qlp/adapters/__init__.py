@@ -1,0 +1,1 @@
+"""Adapters trained on frozen base weights."""

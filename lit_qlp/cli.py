@@ -1,0 +1,70 @@
+"""The ``lit-qlp`` command: LightningCLI over CausalLMModule, TextDataModule and PipelineStrategy.
+
+lit-qlp fit --config configs/demo.yaml
+lit-qlp fit --config configs/lora.yaml --ckpt_path last
+lit-qlp validate --config configs/lora.yaml --ckpt_path last
+lit-qlp fit --config configs/lora.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
+
+from lit_qlp.callbacks import EpochExport
+from lit_qlp.data import TextDataModule
+from lit_qlp.module import CausalLMModule
+
+
+class LitQLPCLI(LightningCLI):
+    """LightningCLI with lit-qlp's defaults.
+
+    - ``trainer.strategy``: PipelineStrategy (``--trainer.strategy.pipeline_stages 2`` and so on).
+    - ``trainer.logger``: TensorBoard, writing straight into ``trainer.default_root_dir``.
+    - ``checkpoint``: ModelCheckpoint writing DeepSpeed checkpoint directories to ``<root>/checkpoints`` with a
+      ``last`` link, so that ``--ckpt_path last`` resumes.
+    - ``export``: EpochExport, the adapter of each epoch in ``<root>/epoch{N}``.
+    - ``data.tokenizer_dir`` follows ``model.model_dir``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(CausalLMModule, TextDataModule, *args, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model_dir", "data.tokenizer_dir")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": "link",
+                "checkpoint.save_top_k": 3,
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
+            }
+        )
+        parser.add_lightning_class_args(EpochExport, "export")
+        parser.set_defaults({"trainer.strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"}})
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            root = trainer_config.get("default_root_dir") or "."
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="", version="")
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lit-qlp`` and ``python -m lit_qlp``."""
+    LitQLPCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generic decomposition of Hugging Face decoder-only models into pipeline layers."""

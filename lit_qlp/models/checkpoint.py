@@ -1,0 +1,137 @@
+"""Reading one pipeline stage's tensors from a Hugging Face safetensors checkpoint.
+
+Each process opens only the shards that hold its own stage's tensors (found through
+``model.safetensors.index.json``), so no process ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class LegacyExperts:
+    """How a checkpoint stores the MoE experts that transformers 5.x fuses into 3-D tensors.
+
+    transformers 5.x holds the experts of a layer as ``{fused_block}experts.gate_up_proj`` [E, 2I, H] and
+    ``{fused_block}experts.down_proj`` [E, H, I], but checkpoints on the hub (and ``save_pretrained``)
+    keep one 2-D tensor per expert: ``{block}experts.{e}.{gate}.weight`` and so on.
+
+    Args:
+        block: Name of the MoE block in the checkpoint, with dots around it (".block_sparse_moe.").
+        fused_block: Name of the same block in the transformers 5.x module tree (".mlp.").
+        gate: Per-expert name of the gate projection ("w1").
+        up: Per-expert name of the up projection ("w3").
+        down: Per-expert name of the down projection ("w2").
+    """
+
+    block: str
+    fused_block: str
+    gate: str
+    up: str
+    down: str
+
+
+# model_type -> the legacy layout of its experts. Architectures are data: a new MoE family is a new row.
+LEGACY_EXPERTS: dict[str, LegacyExperts] = {
+    "mixtral": LegacyExperts(".block_sparse_moe.", ".mlp.", "w1", "w3", "w2"),
+    "qwen2_moe": LegacyExperts(".mlp.", ".mlp.", "gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": LegacyExperts(".mlp.", ".mlp.", "gate_proj", "up_proj", "down_proj"),
+    "olmoe": LegacyExperts(".mlp.", ".mlp.", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+class CheckpointReader:
+    """Reads named tensors from the safetensors files of one Hugging Face model directory.
+
+    Args:
+        model_dir: Directory holding ``model.safetensors`` or ``model.safetensors.index.json`` and its shards.
+        model_type: The config's ``model_type``; selects the legacy expert layout from ``LEGACY_EXPERTS``.
+        tie_word_embeddings: Read ``lm_head.weight`` from ``model.embed_tokens.weight`` when the former is absent.
+    """
+
+    def __init__(self, model_dir: Path, model_type: str = "", tie_word_embeddings: bool = False) -> None:
+        self.model_dir = Path(model_dir)
+        self.legacy_experts = LEGACY_EXPERTS.get(model_type)
+        self.tie_word_embeddings = tie_word_embeddings
+        index = self.model_dir / INDEX_FILE
+        single = self.model_dir / SINGLE_FILE
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(single, framework="pt") as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            raise FileNotFoundError(
+                f"{self.model_dir} holds neither {INDEX_FILE} nor {SINGLE_FILE}; model_dir must be a Hugging Face "
+                "model directory saved in safetensors format"
+            )
+        self._handles: dict[str, object] = {}
+
+    def _raw(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.weight_map[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.model_dir / file, framework="pt")
+        return self._handles[file].get_tensor(key)
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self._sources(name)
+        except KeyError:
+            return False
+        return True
+
+    def _sources(self, name: str) -> tuple[tuple[str, ...], bool]:
+        """The checkpoint keys that make up the module tensor ``name``, and whether they are per-expert pieces.
+
+        Raises:
+            KeyError: if the checkpoint has no such tensor.
+        """
+        if name in self.weight_map:
+            return (name,), False
+        if name == "lm_head.weight" and self.tie_word_embeddings and "model.embed_tokens.weight" in self.weight_map:
+            return ("model.embed_tokens.weight",), False
+        legacy = self.legacy_experts
+        if legacy is None:
+            raise KeyError(name)
+        renamed = name.replace(legacy.fused_block, legacy.block)
+        if renamed in self.weight_map:
+            return (renamed,), False
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            stem = renamed.rsplit(".experts.", 1)[0]
+            parts = (legacy.gate, legacy.up) if name.endswith("gate_up_proj") else (legacy.down,)
+            keys: list[str] = []
+            while f"{stem}.experts.{len(keys) // len(parts)}.{parts[0]}.weight" in self.weight_map:
+                expert = len(keys) // len(parts)
+                keys.extend(f"{stem}.experts.{expert}.{p}.weight" for p in parts)
+            if keys:
+                return tuple(keys), True
+        raise KeyError(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Returns the module tensor ``name`` (a transformers 5.x parameter or buffer name) on the CPU.
+
+        Fused expert tensors are assembled from per-expert checkpoint tensors when the checkpoint has the legacy
+        layout: ``gate_up_proj[e] = cat(gate_e, up_e)`` and ``down_proj[e] = down_e``.
+        """
+        try:
+            keys, per_expert = self._sources(name)
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.model_dir}") from None
+        if not per_expert:
+            return self._raw(keys[0])
+        tensors = [self._raw(k) for k in keys]
+        if name.endswith("gate_up_proj"):
+            return torch.stack([torch.cat(tensors[i : i + 2], dim=0) for i in range(0, len(tensors), 2)])
+        return torch.stack(tensors)

@@ -1,0 +1,264 @@
+"""One generic decomposition of a Hugging Face decoder-only model into pipeline layers.
+
+Any model laid out as ``model.embed_tokens`` / ``model.layers`` / ``model.norm`` / ``lm_head`` /
+``model.rotary_emb`` becomes ``[EmbeddingPipe, DecoderLayerPipe × N, OutputPipe]``; no per-architecture code.
+The differences between architectures are read from the HF config into ``ModelQuirks``. The skeleton is
+built on the meta device and each pipeline layer materialises only its own modules, reading their tensors
+from the checkpoint as it is built, so a process holds nothing but its own stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from lit_qlp.models.checkpoint import CheckpointReader
+
+
+class StageTensors(NamedTuple):
+    """The tensors that travel between pipeline stages.
+
+    DeepSpeed sends plain tuples of tensors; ``pack`` and ``StageTensors(*inputs)`` convert.
+
+    Attributes:
+        hidden_states: [batch, seq, hidden] floating point, part of the autograd graph.
+        position_ids: [batch, seq] int64; every decoder layer computes its rotary embedding from it.
+        control_classes: [batch, seq] int64 in {-1, 0, 1}, used by Control Adapters.
+    """
+
+    hidden_states: torch.Tensor
+    position_ids: torch.Tensor
+    control_classes: torch.Tensor
+
+    def pack(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self)
+
+
+@dataclass(frozen=True)
+class ModelQuirks:
+    """The facts about an architecture that the generic decomposition needs, read from its HF config.
+
+    Attributes:
+        model_type: The config's ``model_type``.
+        num_layers: Number of decoder layers.
+        layer_types: Per decoder layer, "full_attention" or "sliding_attention".
+        tie_word_embeddings: The head shares the embedding matrix.
+        logit_scale: Multiplier of the logits (Cohere), or None.
+        final_logit_softcapping: ``cap * tanh(logits / cap)`` on the logits (Gemma 2), or None.
+    """
+
+    model_type: str
+    num_layers: int
+    layer_types: tuple[str, ...]
+    tie_word_embeddings: bool
+    logit_scale: float | None
+    final_logit_softcapping: float | None
+
+    @classmethod
+    def from_config(cls, config) -> ModelQuirks:
+        n = config.num_hidden_layers
+        layer_types = getattr(config, "layer_types", None)
+        if not layer_types:
+            sliding = getattr(config, "sliding_window", None) is not None
+            layer_types = ["sliding_attention" if sliding else "full_attention"] * n
+        return cls(
+            model_type=config.model_type,
+            num_layers=n,
+            layer_types=tuple(layer_types),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            logit_scale=getattr(config, "logit_scale", None),
+            final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+        )
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class ModelSource:
+    """A Hugging Face model directory from which pipeline layers materialise themselves.
+
+    Holds the config, a meta-device skeleton of the whole model (no memory) and the checkpoint reader.
+
+    Args:
+        model_dir: Hugging Face model directory (config.json + safetensors).
+        dtype: Dtype of the model's weights and activations.
+        attn_implementation: "sdpa" (default) or "eager"; architectures without SDPA support (Gemma 2, whose
+            attention softcapping SDPA cannot do) use "eager". Set explicitly because a bare config falls back
+            to eager, which with no mask applies no causal mask.
+        device: Where the layers are materialised.
+        trust_remote_code: Passed to ``AutoConfig``.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: str = "bfloat16",
+        attn_implementation: str = "sdpa",
+        device: torch.device | str = "cpu",
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        self.dtype = _dtype(dtype)
+        self.device = torch.device(device)
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
+        self.quirks = ModelQuirks.from_config(self.config)
+        model_class = AutoModelForCausalLM._model_mapping[type(self.config)]
+        if attn_implementation == "sdpa" and not getattr(model_class, "_supports_sdpa", False):
+            attn_implementation = "eager"
+        self.config._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.reader = CheckpointReader(self.model_dir, self.quirks.model_type, self.quirks.tie_word_embeddings)
+
+    def __repr__(self) -> str:
+        return f"ModelSource({self.model_dir.name})"
+
+    def submodule(self, name: str) -> nn.Module:
+        return self.skeleton.get_submodule(name)
+
+    def num_parameters(self, name: str) -> int:
+        return sum(p.numel() for p in self.submodule(name).parameters())
+
+    def materialize(self, name: str) -> nn.Module:
+        """Detaches submodule ``name`` from the skeleton and fills it with the checkpoint's tensors on ``device``.
+
+        Non-persistent buffers (Gemma's embedding scale, for example) are not in the checkpoint; the model's own
+        ``_init_weights`` recomputes them.
+        """
+        module = self.submodule(name)
+        module.to_empty(device=self.device)
+        for sub in module.modules():
+            if any(b not in sub.state_dict() for b, _ in sub.named_buffers(recurse=False)):
+                with torch.no_grad():
+                    self.skeleton._init_weights(sub)
+        with torch.no_grad():
+            for param_name, tensor in module.state_dict(keep_vars=True).items():
+                source = self.reader.get(f"{name}.{param_name}")
+                if source.shape != tensor.shape:
+                    raise ValueError(
+                        f"{self.model_dir}: tensor {name}.{param_name} has shape {tuple(source.shape)} in the "
+                        f"checkpoint but {tuple(tensor.shape)} in the model built from config.json"
+                    )
+                tensor.copy_(source)
+        module.requires_grad_(False)
+        return module
+
+    def rotary_embedding(self) -> nn.Module:
+        """A fresh rotary-embedding module (its inverse frequencies are computed, not loaded)."""
+        return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
+
+
+LayerAdapter = Callable[[nn.Module, int, str], None]
+"""Called as ``adapter(layer, layer_index, prefix)`` on each decoder layer to add adapters in place."""
+
+
+class EmbeddingPipe(nn.Module):
+    """Pipeline layer 0: token ids to hidden states (including any embedding scale of the architecture)."""
+
+    hf_prefix = "model.embed_tokens"
+
+    def __init__(self, source: ModelSource) -> None:
+        super().__init__()
+        self.embed_tokens = source.materialize(self.hf_prefix)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, position_ids, control_classes = inputs
+        return StageTensors(self.embed_tokens(input_ids), position_ids, control_classes).pack()
+
+
+class DecoderLayerPipe(nn.Module):
+    """One HF decoder layer, with its own rotary embedding and attention mask computed from ``position_ids``.
+
+    Args:
+        source: The model directory.
+        index: Index of the decoder layer.
+        adapter: Adds adapters (LoRA, ...) to the layer, or None.
+    """
+
+    def __init__(self, source: ModelSource, index: int, adapter: LayerAdapter | None = None) -> None:
+        super().__init__()
+        self.index = index
+        self.hf_prefix = f"model.layers.{index}"
+        self.config = source.config
+        self.attention_type = source.quirks.layer_types[index]
+        self.layer = source.materialize(self.hf_prefix)
+        self.rotary_emb = source.rotary_embedding()
+        if adapter is not None:
+            adapter(self.layer, index, self.hf_prefix)
+
+    def attention_mask(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        make = create_sliding_window_causal_mask if self.attention_type == "sliding_attention" else create_causal_mask
+        return make(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = StageTensors(*inputs)
+        hidden_states = self.layer(
+            x.hidden_states,
+            attention_mask=self.attention_mask(x.hidden_states, x.position_ids),
+            position_ids=x.position_ids,
+            position_embeddings=self.rotary_emb(x.hidden_states, x.position_ids),
+        )
+        return x._replace(hidden_states=hidden_states).pack()
+
+
+class OutputPipe(nn.Module):
+    """The last pipeline layer: final norm and LM head, with the architecture's logit scale and softcap.
+
+    Returns the logits; the loss is the pipeline's ``loss_fn``.
+    """
+
+    hf_prefix = "lm_head"
+
+    def __init__(self, source: ModelSource) -> None:
+        super().__init__()
+        self.norm = source.materialize("model.norm")
+        self.lm_head = source.materialize("lm_head")
+        self.logit_scale = source.quirks.logit_scale
+        self.softcap = source.quirks.final_logit_softcapping
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x = StageTensors(*inputs)
+        logits = self.lm_head(self.norm(x.hidden_states))
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def stage_weights(source: ModelSource) -> list[float]:
+    """Parameter counts of ``[embedding, decoder layers..., norm + head]`` counted on the meta skeleton."""
+    n = source.quirks.num_layers
+    head = source.num_parameters("model.norm") + source.num_parameters("lm_head")
+    return (
+        [float(source.num_parameters("model.embed_tokens"))]
+        + [float(source.num_parameters(f"model.layers.{i}")) for i in range(n)]
+        + [float(head)]
+    )
+
+
+__all__ = [
+    "DecoderLayerPipe",
+    "EmbeddingPipe",
+    "ModelQuirks",
+    "ModelSource",
+    "OutputPipe",
+    "StageTensors",
+    "stage_weights",
+]

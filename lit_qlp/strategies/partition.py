@@ -1,0 +1,104 @@
+"""Splitting a sequence of pipeline layers into contiguous stages."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+PARTITION_METHODS = ("uniform", "parameters", "type:REGEX")
+
+
+def check_partition_method(method: str) -> None:
+    """Raises ValueError unless ``method`` is "uniform", "parameters" or "type:REGEX" with a valid regex."""
+    if method in ("uniform", "parameters"):
+        return
+    if method.startswith("type:"):
+        try:
+            re.compile(method[5:], re.IGNORECASE)
+        except re.error as err:
+            raise ValueError(f"partition_method={method!r}: {method[5:]!r} is not a valid regular expression: {err}")
+        if method[5:]:
+            return
+    raise ValueError(
+        f"partition_method={method!r} is not one of 'uniform', 'parameters' or 'type:REGEX' "
+        "(for example 'type:decoder', matched against the layer class names)"
+    )
+
+
+def partition_balanced(weights: Sequence[float], num_stages: int) -> list[int]:
+    """Cuts ``weights`` into ``num_stages`` contiguous parts minimising the heaviest part.
+
+    Among the cuts that reach that minimum, each stage takes as many items as the limit allows. Returns the stage
+    boundaries ``parts`` (length ``num_stages + 1``): stage ``s`` holds items ``parts[s]:parts[s + 1]``.
+
+    Raises:
+        ValueError: if there are fewer items than stages.
+    """
+    n = len(weights)
+    if n < num_stages:
+        raise ValueError(f"cannot split {n} pipeline layers into {num_stages} stages")
+
+    def cuts(limit: float) -> list[int] | None:
+        # Greedy: fill each stage up to ``limit``, leaving at least one item for every later stage.
+        parts = [0]
+        total = 0.0
+        for i, w in enumerate(weights):
+            remaining_stages = num_stages - len(parts)
+            must_cut = n - i == remaining_stages and remaining_stages > 0
+            if (total + w > limit or must_cut) and i > parts[-1]:
+                if len(parts) == num_stages:
+                    return None
+                parts.append(i)
+                total = 0.0
+            total += w
+            if total > limit:
+                return None
+        parts += [n] * (num_stages + 1 - len(parts))
+        return parts if all(a < b for a, b in zip(parts, parts[1:])) else None
+
+    candidates = sorted({sum(weights[i:j]) for i in range(n) for j in range(i + 1, n + 1)})
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cuts(candidates[mid]) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    result = cuts(candidates[lo])
+    assert result is not None
+    return result
+
+
+def partition_uniform(num_items: int, num_stages: int) -> list[int]:
+    """Boundaries that give each stage ``num_items // num_stages`` items, the first stages one more if uneven."""
+    if num_items < num_stages:
+        raise ValueError(f"cannot split {num_items} pipeline layers into {num_stages} stages")
+    base, extra = divmod(num_items, num_stages)
+    parts = [0]
+    for stage in range(num_stages):
+        parts.append(parts[-1] + base + (1 if stage < extra else 0))
+    return parts
+
+
+def partition_layers(
+    method: str, num_stages: int, parameter_counts: Sequence[float], layer_types: Sequence[str]
+) -> list[int]:
+    """Stage boundaries for ``method``.
+
+    - "uniform": the same number of layers on each stage.
+    - "parameters": balance the parameter counts (taken from the config, never by building layers).
+    - "type:REGEX": balance the number of layers whose class name matches REGEX (case-insensitive).
+    """
+    check_partition_method(method)
+    if method == "uniform":
+        return partition_uniform(len(parameter_counts), num_stages)
+    if method == "parameters":
+        return partition_balanced(parameter_counts, num_stages)
+    pattern = re.compile(method[5:], re.IGNORECASE)
+    weights = [1.0 if pattern.search(t) else 0.0 for t in layer_types]
+    if sum(weights) < num_stages:
+        raise ValueError(
+            f"partition_method={method!r} matches {int(sum(weights))} layers (of types {sorted(set(layer_types))}), "
+            f"fewer than the {num_stages} pipeline stages"
+        )
+    return partition_balanced(weights, num_stages)

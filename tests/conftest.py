@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(arch)``: directory of a tiny random ``arch`` model with a tokenizer, built once per session."""
+    cache: dict[str, object] = {}
+
+    def make(arch: str = "llama"):
+        if arch not in cache:
+            directory = tmp_path_factory.mktemp(arch)
+            make_tiny_model(arch, directory)
+            make_tiny_tokenizer(directory)
+            cache[arch] = directory
+        return cache[arch]
+
+    return make

@@ -1,0 +1,114 @@
+"""The generic decomposition reproduces the Hugging Face forward for every tested architecture."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lit_qlp.kernels.cross_entropy import cross_entropy_sum
+from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
+from lit_qlp.module import shift_left
+from tests.tiny_models import ARCHITECTURES, VOCAB, load_hf
+
+SEQ = 24  # longer than the sliding windows (8) of the tiny mistral and gemma2
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def run_layers(layers, input_ids: torch.Tensor) -> torch.Tensor:
+    x = (input_ids, torch.arange(input_ids.shape[1]).unsqueeze(0), torch.zeros_like(input_ids))
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_one_stage_matches_hf(tiny_model, arch):
+    model_dir = tiny_model(arch)
+    source = ModelSource(model_dir, dtype="float32")
+    layers = [EmbeddingPipe(source)]
+    layers += [DecoderLayerPipe(source, i) for i in range(source.quirks.num_layers)]
+    layers.append(OutputPipe(source))
+    hf = load_hf(model_dir, source.config._attn_implementation)
+    ids = batch()
+    labels = ids.clone()
+    labels[0, :5] = -100
+    with torch.no_grad():
+        logits = run_layers(layers, ids)
+        reference = hf(ids, labels=labels)
+    torch.testing.assert_close(logits, reference.logits)
+    shifted = shift_left(labels, -100)
+    loss = cross_entropy_sum(logits, shifted) / (shifted != -100).sum()
+    torch.testing.assert_close(loss, reference.loss)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_stage_worker(rank: int, world_size: int, port: int, model_dirs: dict, out: dict) -> None:
+    import os
+
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    from lit_qlp.module import CausalLMModule
+    from lit_qlp.strategies.deepspeed_patches import skip_cpu_shm_comm_build
+    from lit_qlp.strategies.partition import partition_layers
+    from lit_qlp.strategies.pipeline import _pipeline_module_class
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    skip_cpu_shm_comm_build()
+    deepspeed.init_distributed("gloo")
+    try:
+        for arch, model_dir in model_dirs.items():
+            module = CausalLMModule(model_dir, dtype="float32", lora_rank=4)
+            spec = module.pipeline_spec(torch.device("cpu"))
+            types = [s.typename.__name__ for s in spec.layers]
+            parts = partition_layers("type:decoder", world_size, spec.parameter_counts, types)
+            pipe = _pipeline_module_class()(
+                parts=parts,
+                layers=spec.layers,
+                topology=ProcessTopology(axes=["pipe", "data"], dims=[world_size, 1]),
+                loss_fn=spec.loss_fn,
+            )
+            config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
+            engine, *_ = deepspeed.initialize(model=pipe, config=config)
+            ids = batch()
+            labels = shift_left(ids, -100)
+            spec.loss_fn.normalizer = float((labels != -100).sum())
+            micro = ((ids, torch.arange(SEQ).unsqueeze(0), torch.zeros_like(ids)), labels)
+            loss, logits = engine.eval_batch(iter([micro]), return_logits=True, num_micro_batches=1)
+            if engine.is_last_stage():
+                out[arch] = (loss.clone(), logits.clone(), len(pipe.forward_funcs))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_stages_in_two_processes_match_hf(tiny_model):
+    model_dirs = {arch: str(tiny_model(arch)) for arch in ARCHITECTURES}
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_two_stage_worker, args=(2, _free_port(), model_dirs, out), nprocs=2, join=True)
+        results = dict(out)
+    assert set(results) == set(ARCHITECTURES)
+    for arch, (loss, logits, local_layers) in results.items():
+        source = ModelSource(model_dirs[arch], dtype="float32")
+        assert local_layers == 3, f"{arch}: the last stage should hold 2 decoder layers + the head"
+        hf = load_hf(model_dirs[arch], source.config._attn_implementation)
+        ids = batch()
+        with torch.no_grad():
+            reference = hf(ids, labels=ids)
+        torch.testing.assert_close(logits, reference.logits, msg=lambda m: f"{arch}: {m}")
+        torch.testing.assert_close(loss, reference.loss, msg=lambda m: f"{arch}: {m}")
