@@ -12,6 +12,9 @@ from typing_extensions import override
 class EpochExport(Callback):
     """After each training epoch, writes ``<default_root_dir>/epoch{N}/`` (N counts from 1).
 
+    A run that stops part-way through an epoch (``max_steps``) writes ``<default_root_dir>/step{global_step}/``
+    instead, so that the resumed run can still write the epoch's directory when it completes the epoch.
+
     For LoRA that is a PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``) with the tokenizer
     files, loadable with ``peft.PeftModel.from_pretrained`` over the base model. An existing directory of the same
     name is not overwritten: the run stops with an error before writing anything there.
@@ -27,8 +30,11 @@ class EpochExport(Callback):
         return Path(trainer.default_root_dir) / self.dirname.format(epoch=epoch)
 
     def _refuse_existing(self, trainer: pl.Trainer, epochs: range) -> None:
-        existing = [str(d) for e in epochs if (d := self.directory(trainer, e)).exists()]
-        existing = trainer.strategy.broadcast(existing)
+        self._refuse_existing_dirs(trainer, [self.directory(trainer, e) for e in epochs])
+
+    @staticmethod
+    def _refuse_existing_dirs(trainer: pl.Trainer, directories: list[Path]) -> None:
+        existing = trainer.strategy.broadcast([str(d) for d in directories if d.exists()])
         if existing:
             raise FileExistsError(
                 f"{', '.join(existing)} already exist(s); lit-qlp does not overwrite exports. Move them away or "
@@ -43,6 +49,12 @@ class EpochExport(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Stopped part-way (max_steps): the epoch's export is written when a resumed run completes it.
+            directory = Path(trainer.default_root_dir) / f"step{trainer.global_step}"
+            self._refuse_existing_dirs(trainer, [directory])
+            pl_module.export(directory)
+            return
         epoch = trainer.current_epoch + 1
         self._refuse_existing(trainer, range(epoch, epoch + 1))
         pl_module.export(self.directory(trainer, epoch))

@@ -349,7 +349,8 @@ class PipelineStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Every rank writes its stage's trainable weights and optimizer state into the directory ``filepath``."""
-        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        # Weights and optimizer state are the engine's files; "optimizer_states" stays (empty) as Lightning expects it.
+        client_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
         self.engine.save_checkpoint(str(filepath), client_state=client_state, exclude_frozen_parameters=True)
 
     @override
