@@ -59,20 +59,20 @@ def match_targets(names: Iterable[str], target_modules: str | Sequence[str]) -> 
     """
     names = list(names)
     if isinstance(target_modules, str):
-        if target_modules == ALL_LINEAR:
-            return names
         target_modules = [target_modules]
+    if ALL_LINEAR in target_modules:
+        return names
     return [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
 
 
 def check_targets(names: Sequence[str], target_modules: str | Sequence[str], where: str) -> None:
     """Raises ValueError naming each ``target_modules`` entry that selects none of ``names``."""
     if isinstance(target_modules, str):
-        target_modules = [target_modules] if target_modules != ALL_LINEAR else []
+        target_modules = [target_modules]
     unmatched = [t for t in target_modules if not match_targets(names, [t])]
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(
-            f"target_modules entries {unmatched} match no linear layer of {where}; "
+            f"model.target_modules entries {unmatched} match no linear layer of {where}; "
             f"its linear layers are {leaves} (or use 'all-linear')"
         )

@@ -30,6 +30,28 @@ class DatasetSource:
     dataset_path: str
 
 
+def dataset_files(source: DatasetSource) -> list[Path]:
+    """The files that ``source.dataset_path`` names, sorted.
+
+    Raises:
+        FileNotFoundError: if the path or pattern matches no file.
+    """
+    paths = sorted(glob.glob(source.dataset_path, recursive=True)) or (
+        [source.dataset_path] if Path(source.dataset_path).is_file() else []
+    )
+    if not paths:
+        raise FileNotFoundError(f"data.datasets: dataset_path={source.dataset_path!r} matches no file")
+    return [Path(p) for p in paths]
+
+
+def _json(text: str, path: Path, line: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"{path}, line {line}" if line is not None else str(path)
+        raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); fix or remove it") from None
+
+
 def read_documents(source: DatasetSource) -> list[str]:
     """The documents of ``source``, in file order.
 
@@ -37,13 +59,8 @@ def read_documents(source: DatasetSource) -> list[str]:
         FileNotFoundError: if the path or pattern matches no file.
         ValueError: naming the file and line of a record without a string "text" field, or an unknown suffix.
     """
-    paths = sorted(glob.glob(source.dataset_path, recursive=True)) or (
-        [source.dataset_path] if Path(source.dataset_path).is_file() else []
-    )
-    if not paths:
-        raise FileNotFoundError(f"data.datasets: dataset_path={source.dataset_path!r} matches no file")
     documents: list[str] = []
-    for path in map(Path, paths):
+    for path in dataset_files(source):
         if path.suffix not in SUFFIXES:
             raise ValueError(f"data.datasets: {path} has suffix {path.suffix!r}; supported are {', '.join(SUFFIXES)}")
         if path.suffix == ".txt":
@@ -51,9 +68,9 @@ def read_documents(source: DatasetSource) -> list[str]:
             continue
         if path.suffix == ".jsonl":
             lines = path.read_text(encoding="utf-8").splitlines()
-            records = [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+            records = [(n, _json(line, path, n)) for n, line in enumerate(lines, 1) if line.strip()]
         else:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _json(path.read_text(encoding="utf-8"), path)
             records = list(enumerate(data if isinstance(data, list) else [data], 1))
         for n, record in records:
             text = record.get("text") if isinstance(record, dict) else None
@@ -136,6 +153,8 @@ class TextDataModule(pl.LightningDataModule):
         if not datasets:
             raise ValueError("data.datasets is empty; list at least one {dataset_path: ...}")
         self.datasets = [d if isinstance(d, DatasetSource) else DatasetSource(**d) for d in datasets]
+        for source in self.datasets:
+            dataset_files(source)  # a path that matches nothing fails now, before anything is written
         self.sequence_len = sequence_len
         self.eval_fraction = eval_fraction
         self.tokenizer_dir = tokenizer_dir

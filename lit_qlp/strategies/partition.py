@@ -28,8 +28,10 @@ def check_partition_method(method: str) -> None:
 def partition_balanced(weights: Sequence[float], num_stages: int) -> list[int]:
     """Cuts ``weights`` into ``num_stages`` contiguous parts minimising the heaviest part.
 
-    Among the cuts that reach that minimum, each stage takes as many items as the limit allows. Returns the stage
-    boundaries ``parts`` (length ``num_stages + 1``): stage ``s`` holds items ``parts[s]:parts[s + 1]``.
+    Among the cuts that reach that minimum, the one with the smallest sum of squared stage weights is chosen, which
+    spreads the remaining weight evenly (six equal layers on four stages become 2, 2, 1, 1, not 2, 2, 2, 0).
+    Returns the stage boundaries ``parts`` (length ``num_stages + 1``): stage ``s`` holds items
+    ``parts[s]:parts[s + 1]``; every stage holds at least one item.
 
     Raises:
         ValueError: if there are fewer items than stages.
@@ -37,34 +39,39 @@ def partition_balanced(weights: Sequence[float], num_stages: int) -> list[int]:
     n = len(weights)
     if n < num_stages:
         raise ValueError(f"cannot split {n} pipeline layers into {num_stages} stages")
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
 
-    def cuts(limit: float) -> list[int] | None:
-        # Greedy: fill each stage up to ``limit``, leaving at least one item for every later stage.
-        parts = [0]
-        total = 0.0
-        for i, w in enumerate(weights):
-            remaining_stages = num_stages - len(parts)
-            must_cut = n - i == remaining_stages and remaining_stages > 0
-            if (total + w > limit or must_cut) and i > parts[-1]:
-                if len(parts) == num_stages:
-                    return None
-                parts.append(i)
-                total = 0.0
-            total += w
-            if total > limit:
-                return None
-        parts += [n] * (num_stages + 1 - len(parts))
-        return parts if all(a < b for a, b in zip(parts, parts[1:])) else None
+    def best_cuts(limit: float) -> list[int] | None:
+        # cost[s][j]: least sum of squares splitting items[:j] into s non-empty stages of weight <= limit.
+        inf = float("inf")
+        cost = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+        back = [[0] * (n + 1) for _ in range(num_stages + 1)]
+        cost[0][0] = 0.0
+        for s in range(1, num_stages + 1):
+            for j in range(s, n - (num_stages - s) + 1):
+                for i in range(s - 1, j):
+                    w = prefix[j] - prefix[i]
+                    if w <= limit and cost[s - 1][i] + w * w < cost[s][j]:
+                        cost[s][j] = cost[s - 1][i] + w * w
+                        back[s][j] = i
+        if cost[num_stages][n] == inf:
+            return None
+        parts = [n]
+        for s in range(num_stages, 0, -1):
+            parts.append(back[s][parts[-1]])
+        return parts[::-1]
 
-    candidates = sorted({sum(weights[i:j]) for i in range(n) for j in range(i + 1, n + 1)})
+    candidates = sorted({prefix[j] - prefix[i] for i in range(n) for j in range(i + 1, n + 1)})
     lo, hi = 0, len(candidates) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if cuts(candidates[mid]) is not None:
+        if best_cuts(candidates[mid]) is not None:
             hi = mid
         else:
             lo = mid + 1
-    result = cuts(candidates[lo])
+    result = best_cuts(candidates[lo])
     assert result is not None
     return result
 

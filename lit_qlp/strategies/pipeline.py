@@ -167,6 +167,22 @@ class PipelineStrategy(DDPStrategy):
         return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
 
     @override
+    def setup_environment(self) -> None:
+        # Runs before Lightning writes anything (logs, config.yaml), so bad options fail with nothing written.
+        trainer = self.lightning_module.trainer
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported by "
+                "PipelineStrategy; set trainer.strategy.gradient_accumulation_steps instead"
+            )
+        if trainer.gradient_clip_val is not None:
+            raise ValueError(
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val} is not supported by PipelineStrategy; "
+                "set trainer.strategy.gradient_clipping instead"
+            )
+        super().setup_environment()
+
+    @override
     def setup_distributed(self) -> None:
         import deepspeed
         from deepspeed.runtime.pipe.topology import ProcessTopology
@@ -199,16 +215,6 @@ class PipelineStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         import deepspeed
 
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported by "
-                "PipelineStrategy; set trainer.strategy.gradient_accumulation_steps instead"
-            )
-        if trainer.gradient_clip_val is not None:
-            raise ValueError(
-                f"trainer.gradient_clip_val={trainer.gradient_clip_val} is not supported by PipelineStrategy; "
-                "set trainer.strategy.gradient_clipping instead"
-            )
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         self.model_to_device()

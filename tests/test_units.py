@@ -1,0 +1,606 @@
+"""Unit tests of lit_qlp's pure functions, each checked against an independent reference (often brute force)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
+from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets, parse_layer_ranges
+from lit_qlp.data.text import (
+    DatasetSource,
+    ResumableSampler,
+    TextDataModule,
+    pack_sequences,
+    read_documents,
+)
+from lit_qlp.kernels.cross_entropy import IGNORE_INDEX, TokenWeightedLoss, cross_entropy_sum
+from lit_qlp.strategies.partition import (
+    check_partition_method,
+    partition_balanced,
+    partition_layers,
+    partition_uniform,
+)
+
+# ----------------------------------------------------------------------------------------------------- partition
+
+
+def brute_force_min_max(weights: list[float], num_stages: int) -> float:
+    """The smallest possible heaviest stage over every split of ``weights`` into non-empty contiguous stages."""
+    n = len(weights)
+    best = None
+    for cuts in itertools.combinations(range(1, n), num_stages - 1):
+        bounds = [0, *cuts, n]
+        heaviest = max(sum(weights[a:b]) for a, b in zip(bounds, bounds[1:]))
+        best = heaviest if best is None else min(best, heaviest)
+    return best
+
+
+def stage_loads(weights: list[float], parts: list[int]) -> list[float]:
+    return [sum(weights[a:b]) for a, b in zip(parts, parts[1:])]
+
+
+def assert_valid_parts(parts: list[int], n: int, num_stages: int) -> None:
+    assert len(parts) == num_stages + 1, parts
+    assert parts[0] == 0 and parts[-1] == n, parts
+    assert all(a < b for a, b in zip(parts, parts[1:])), f"empty stage in {parts}"
+
+
+def random_weight_lists(seed: int, count: int) -> list[tuple[list[float], int]]:
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        n = rng.randint(1, 10)
+        kind = rng.choice(["small_int", "float", "zero_one", "params"])
+        if kind == "small_int":
+            weights = [rng.randint(0, 9) for _ in range(n)]
+        elif kind == "float":
+            weights = [rng.uniform(0.0, 10.0) for _ in range(n)]
+        elif kind == "zero_one":
+            weights = [rng.choice([0.0, 1.0]) for _ in range(n)]
+        else:  # parameter-count-like: a big embedding/head and similar decoder layers
+            weights = [rng.choice([3_000_000, 12_000_000]) + rng.randint(0, 10) for _ in range(n)]
+        cases.append((weights, rng.randint(1, n)))
+    return cases
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_partition_balanced_is_optimal(seed):
+    for weights, num_stages in random_weight_lists(seed, 150):
+        parts = partition_balanced(weights, num_stages)
+        assert_valid_parts(parts, len(weights), num_stages)
+        assert max(stage_loads(weights, parts)) == brute_force_min_max(weights, num_stages), (weights, num_stages)
+
+
+def test_partition_balanced_edge_cases():
+    assert partition_balanced([5.0], 1) == [0, 1]
+    assert partition_balanced([1, 2, 3], 3) == [0, 1, 2, 3]  # one item per stage is the only split
+    zeros = [0.0] * 6
+    parts = partition_balanced(zeros, 3)
+    assert_valid_parts(parts, 6, 3)
+
+
+@pytest.mark.parametrize("n, num_stages", [(0, 1), (2, 3), (3, 4)])
+def test_partition_fewer_items_than_stages(n, num_stages):
+    with pytest.raises(ValueError, match=f"{n} pipeline layers into {num_stages} stages"):
+        partition_balanced([1.0] * n, num_stages)
+    with pytest.raises(ValueError, match=f"{n} pipeline layers into {num_stages} stages"):
+        partition_uniform(n, num_stages)
+
+
+def test_partition_uniform():
+    for n in range(1, 20):
+        for num_stages in range(1, n + 1):
+            parts = partition_uniform(n, num_stages)
+            assert_valid_parts(parts, n, num_stages)
+            sizes = [b - a for a, b in zip(parts, parts[1:])]
+            assert max(sizes) - min(sizes) <= 1, (n, num_stages, sizes)
+            assert sum(sizes) == n
+
+
+LAYER_TYPES = ["EmbeddingPipe"] + ["DecoderLayerPipe"] * 6 + ["OutputPipe"]
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 4, 5, 6])
+def test_partition_layers_type_balances_matching_layers(num_stages):
+    counts = [1000.0, *([10.0] * 6), 1000.0]
+    parts = partition_layers("type:decoder", num_stages, counts, LAYER_TYPES)
+    assert_valid_parts(parts, len(LAYER_TYPES), num_stages)
+    decoders = [sum("Decoder" in t for t in LAYER_TYPES[a:b]) for a, b in zip(parts, parts[1:])]
+    is_decoder = [1.0 if "decoder" in t.lower() else 0.0 for t in LAYER_TYPES]
+    assert max(decoders) == brute_force_min_max(is_decoder, num_stages) == -(-6 // num_stages), decoders
+    assert sum(decoders) == 6
+
+
+def test_partition_layers_type_regex_is_case_insensitive_and_searches():
+    parts = partition_layers("type:DECODER", 2, [1.0] * 8, LAYER_TYPES)
+    assert parts == partition_layers("type:decoderlayer", 2, [1.0] * 8, LAYER_TYPES)
+
+
+def test_partition_layers_type_too_few_matches():
+    with pytest.raises(ValueError, match="matches 6 layers"):
+        partition_layers("type:decoder", 7, [1.0] * 8, LAYER_TYPES)
+
+
+def test_partition_layers_dispatch():
+    counts = [1000.0, *([10.0] * 6), 1000.0]
+    assert partition_layers("uniform", 3, counts, LAYER_TYPES) == partition_uniform(8, 3)
+    assert partition_layers("parameters", 3, counts, LAYER_TYPES) == partition_balanced(counts, 3)
+
+
+@pytest.mark.parametrize("method", ["uniform", "parameters", "type:decoder", "type:Decoder|Embed", "type:^Output"])
+def test_check_partition_method_accepts(method):
+    check_partition_method(method)
+
+
+@pytest.mark.parametrize("method", ["foo", "type:", "type:[", "", "Uniform", "params"])
+def test_check_partition_method_rejects(method):
+    with pytest.raises(ValueError) as info:
+        check_partition_method(method)
+    assert f"partition_method={method!r}" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------- layer ranges
+
+
+@pytest.mark.parametrize(
+    "spec, num_layers, expected",
+    [
+        ("0:3", 4, [0, 1, 2, 3]),
+        ("0:1,3,5:6", 8, [0, 1, 3, 5, 6]),
+        ("1,3,5", 6, [1, 3, 5]),
+        ("5,1,3", 6, [1, 3, 5]),
+        ("0:2,1:3", 4, [0, 1, 2, 3]),
+        (" 2 , 0 ", 4, [0, 2]),
+        ("2:2", 4, [2]),
+        (None, 4, [0, 1, 2, 3]),
+        ("", 3, [0, 1, 2]),
+        ("  ", 3, [0, 1, 2]),
+    ],
+)
+def test_parse_layer_ranges(spec, num_layers, expected):
+    assert parse_layer_ranges(spec, num_layers) == expected
+
+
+def reference_layer_ranges(spec: str) -> list[int]:
+    """Independent reading of an inclusive range list."""
+    out = set()
+    for item in spec.split(","):
+        a, _, b = item.partition(":")
+        out |= set(range(int(a), int(b or a) + 1))
+    return sorted(out)
+
+
+def test_parse_layer_ranges_random_against_reference():
+    rng = random.Random(0)
+    for _ in range(200):
+        num_layers = rng.randint(1, 40)
+        items = []
+        for _ in range(rng.randint(1, 5)):
+            a = rng.randrange(num_layers)
+            b = rng.randrange(a, num_layers)
+            items.append(f"{a}:{b}" if rng.random() < 0.5 else str(a))
+        spec = ",".join(items)
+        assert parse_layer_ranges(spec, num_layers) == reference_layer_ranges(spec), spec
+
+
+@pytest.mark.parametrize(
+    "spec, fragments",
+    [
+        ("a", ["layers_to_transform='a'", "'a'"]),
+        ("0:1,x", ["layers_to_transform='0:1,x'", "'x'"]),
+        ("1,,2", ["layers_to_transform='1,,2'", "''"]),
+        ("-1", ["'-1'"]),
+        ("3:1", ["layers_to_transform='3:1'", "'3:1'", "backwards"]),
+        ("0:99", ["layers_to_transform='0:99'", "99", "4 layers"]),
+        ("4", ["layer 4 does not exist", "4 layers"]),
+    ],
+)
+def test_parse_layer_ranges_errors(spec, fragments):
+    with pytest.raises(ValueError) as info:
+        parse_layer_ranges(spec, 4)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_parse_layer_ranges_error_uses_given_key():
+    with pytest.raises(ValueError, match=r"model\.layers_to_transform='9'"):
+        parse_layer_ranges("9", 4, key="model.layers_to_transform")
+
+
+# ----------------------------------------------------------------------------------------------------- targets
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(4, 4)
+        self.xq_proj = nn.Linear(4, 4)
+        self.v_proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = Attention()
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("down_proj", nn.Linear(4, 4))
+        self.act = nn.GELU()
+
+
+BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.xq_proj", "self_attn.v_proj", "mlp.down_proj"]
+
+
+def test_linear_names():
+    assert linear_names(Block()) == BLOCK_LINEARS
+
+
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (ALL_LINEAR, BLOCK_LINEARS),
+        ("q_proj", ["self_attn.q_proj"]),
+        (["q_proj"], ["self_attn.q_proj"]),
+        (["xq_proj"], ["self_attn.xq_proj"]),
+        (["v_proj", "q_proj"], ["self_attn.q_proj", "self_attn.v_proj"]),
+        (["mlp.down_proj"], ["mlp.down_proj"]),
+        (["self_attn.q_proj"], ["self_attn.q_proj"]),
+        (["proj"], []),
+        (["attn.q_proj"], []),
+        ([], []),
+    ],
+)
+def test_match_targets(targets, expected):
+    assert match_targets(BLOCK_LINEARS, targets) == expected
+
+
+def test_match_targets_random_against_reference():
+    rng = random.Random(0)
+    leaves = ["q_proj", "k_proj", "xq_proj", "down_proj", "up_proj", "fc"]
+    parents = ["self_attn", "mlp", "block.mlp", "x"]
+    for _ in range(200):
+        names = sorted({f"{rng.choice(parents)}.{rng.choice(leaves)}" for _ in range(rng.randint(1, 8))})
+        targets = rng.sample(leaves + ["mlp.up_proj", "attn.q_proj"], rng.randint(1, 3))
+        expected = [n for n in names if any(n.split(".")[-len(t.split(".")) :] == t.split(".") for t in targets)]
+        assert match_targets(names, targets) == expected, (names, targets)
+
+
+def test_check_targets_accepts():
+    check_targets(BLOCK_LINEARS, ALL_LINEAR, "block")
+    check_targets(BLOCK_LINEARS, ["q_proj", "down_proj"], "block")
+    check_targets(BLOCK_LINEARS, "v_proj", "block")
+
+
+def test_check_targets_lists_every_unmatched_entry():
+    with pytest.raises(ValueError) as info:
+        check_targets(BLOCK_LINEARS, ["q_proj", "gate_proj", "proj", "o_proj"], "the test block")
+    message = str(info.value)
+    assert "['gate_proj', 'proj', 'o_proj']" in message
+    assert "the test block" in message
+    for leaf in ["q_proj", "xq_proj", "v_proj", "down_proj"]:
+        assert repr(leaf) in message  # the available layers are listed
+
+
+def test_check_targets_single_string_unmatched():
+    with pytest.raises(ValueError, match="gate_proj"):
+        check_targets(BLOCK_LINEARS, "gate_proj", "block")
+
+
+# ----------------------------------------------------------------------------------------------------- LoRA
+
+
+def make_lora(in_features=6, out_features=5, rank=3, alpha=6.0, dropout=0.0, dtype=torch.float32, base_dtype=None):
+    torch.manual_seed(0)
+    base = nn.Linear(in_features, out_features, dtype=base_dtype or torch.float32)
+    lora = LoraLinear(base, rank, alpha, dropout=dropout, dtype=dtype)
+    with torch.no_grad():  # a non-zero B so that the update shows
+        lora.lora_A.weight.copy_(torch.randn(rank, in_features))
+        lora.lora_B.weight.copy_(torch.randn(out_features, rank))
+    return lora
+
+
+def test_lora_forward_matches_hand_computation():
+    for rank, alpha in [(1, 1.0), (3, 6.0), (4, 2.0)]:
+        lora = make_lora(rank=rank, alpha=alpha)
+        x = torch.randn(2, 7, 6)
+        a, b = lora.lora_A.weight, lora.lora_B.weight
+        expected = F.linear(x, lora.base_layer.weight, lora.base_layer.bias) + (x @ a.T @ b.T) * (alpha / rank)
+        torch.testing.assert_close(lora(x), expected)
+
+
+def test_lora_starts_at_base():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    lora = LoraLinear(base, rank=4, alpha=8.0)
+    assert torch.count_nonzero(lora.lora_B.weight) == 0
+    assert torch.count_nonzero(lora.lora_A.weight) > 0
+    assert lora.lora_A.weight.shape == (4, 6) and lora.lora_B.weight.shape == (5, 4)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(lora(x), base(x))
+
+
+def test_lora_init_seeded_by_generator():
+    base = nn.Linear(6, 5)
+    one = LoraLinear(base, 4, 4.0, generator=torch.Generator().manual_seed(7))
+    two = LoraLinear(base, 4, 4.0, generator=torch.Generator().manual_seed(7))
+    three = LoraLinear(base, 4, 4.0, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(one.lora_A.weight, two.lora_A.weight)
+    assert not torch.equal(one.lora_A.weight, three.lora_A.weight)
+    bound = 1 / 6**0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in=6
+    assert one.lora_A.weight.abs().max() <= bound
+
+
+def test_lora_dropout_only_in_training():
+    lora = make_lora(dropout=0.5)
+    plain = make_lora(dropout=0.0)
+    x = torch.randn(4, 6)
+    lora.eval()
+    torch.testing.assert_close(lora(x), plain(x))
+    lora.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(lora(x), plain(x))
+
+
+def test_lora_dtypes():
+    lora = make_lora(base_dtype=torch.bfloat16, dtype=torch.float32)
+    assert lora.lora_A.weight.dtype == torch.float32
+    x = torch.randn(3, 6).to(torch.bfloat16)
+    out = lora(x)
+    assert out.dtype == torch.bfloat16
+    base_out = lora.base_layer(x)
+    update = (x.float() @ lora.lora_A.weight.T @ lora.lora_B.weight.T) * lora.scaling
+    torch.testing.assert_close(out, base_out + update.to(torch.bfloat16))
+
+    lora16 = make_lora(base_dtype=torch.float32, dtype=torch.bfloat16)
+    assert lora16.lora_B.weight.dtype == torch.bfloat16
+    out = lora16(torch.randn(3, 6))
+    assert out.dtype == torch.float32
+
+
+def test_lora_adapter_wraps_selected_layers_only():
+    adapter = LoraAdapter(
+        rank=2, alpha=2.0, dropout=0.0, target_modules=["q_proj"], layers=[1], dtype=torch.float32, seed=3
+    )
+    untouched, touched = Block(), Block()
+    adapter(untouched, 0, "model.layers.0")
+    adapter(touched, 1, "model.layers.1")
+    assert not any(isinstance(m, LoraLinear) for m in untouched.modules())
+    wrapped = [n for n, m in touched.named_modules() if isinstance(m, LoraLinear)]
+    assert wrapped == ["self_attn.q_proj"]
+    again = Block()
+    adapter(again, 1, "model.layers.1")
+    torch.testing.assert_close(again.self_attn.q_proj.lora_A.weight, touched.self_attn.q_proj.lora_A.weight)
+
+
+# ----------------------------------------------------------------------------------------------------- loss
+
+
+def random_logits_labels(shape, vocab, ignore_fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*shape, vocab, generator=g) * 3
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_fraction] = IGNORE_INDEX
+    return logits, labels
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 7), (3, 4, 5)])
+@pytest.mark.parametrize("ignore_fraction", [0.0, 0.3, 1.0])
+def test_cross_entropy_sum_matches_torch(shape, ignore_fraction):
+    logits, labels = random_logits_labels(shape, 11, ignore_fraction, seed=len(shape))
+    expected = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), reduction="sum", ignore_index=-100)
+    torch.testing.assert_close(cross_entropy_sum(logits, labels), expected)
+    by_hand = -torch.log_softmax(logits, -1).reshape(-1, 11)
+    keep = labels.reshape(-1) != -100
+    hand = by_hand[keep].gather(1, labels.reshape(-1)[keep].unsqueeze(1)).sum()
+    torch.testing.assert_close(cross_entropy_sum(logits, labels), hand)
+
+
+def test_cross_entropy_sum_rows_fully_ignored():
+    logits, labels = random_logits_labels((3, 6), 9, 0.2, seed=5)
+    labels[1] = IGNORE_INDEX  # a whole row without labels
+    expected = F.cross_entropy(logits.reshape(-1, 9), labels.reshape(-1), reduction="sum", ignore_index=-100)
+    torch.testing.assert_close(cross_entropy_sum(logits, labels), expected)
+    all_ignored = torch.full_like(labels, IGNORE_INDEX)
+    assert cross_entropy_sum(logits, all_ignored).item() == 0.0
+
+
+def test_cross_entropy_sum_low_precision_in_float32():
+    logits, labels = random_logits_labels((2, 8), 13, 0.2, seed=9)
+    low = logits.to(torch.bfloat16)
+    result = cross_entropy_sum(low, labels)
+    assert result.dtype == torch.float32
+    expected = F.cross_entropy(low.float().reshape(-1, 13), labels.reshape(-1), reduction="sum", ignore_index=-100)
+    torch.testing.assert_close(result, expected)
+
+
+def test_cross_entropy_sum_gradient_matches_torch():
+    logits, labels = random_logits_labels((2, 5), 7, 0.3, seed=2)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    cross_entropy_sum(a, labels).backward()
+    F.cross_entropy(b.reshape(-1, 7), labels.reshape(-1), reduction="sum", ignore_index=-100).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_token_weighted_loss_divides_by_normalizer():
+    logits, labels = random_logits_labels((2, 6), 10, 0.25, seed=3)
+    loss_fn = TokenWeightedLoss()
+    assert loss_fn.normalizer == 1.0
+    torch.testing.assert_close(loss_fn(logits, labels), cross_entropy_sum(logits, labels))
+    loss_fn.normalizer = 3.5
+    expected = F.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), reduction="sum", ignore_index=-100) / 3.5
+    torch.testing.assert_close(loss_fn(logits, labels), expected)
+    # With the normalizer at the label-token count it is the usual mean loss.
+    loss_fn.normalizer = float((labels != -100).sum())
+    mean = F.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss_fn(logits, labels), mean)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_read_txt_is_one_document_per_file(tmp_path):
+    text = 'first line\nsecond line\n\nafter a blank line {"text": 1}\n'
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    assert read_documents(DatasetSource(str(tmp_path / "a.txt"))) == [text]
+
+
+def test_read_jsonl(tmp_path):
+    texts = ["one", "two\nlines", "", "ünïcödé"]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "other": i} for i, t in enumerate(texts)])
+    path.write_text(path.read_text(encoding="utf-8") + "\n   \n", encoding="utf-8")  # trailing blank lines
+    assert read_documents(DatasetSource(str(path))) == texts
+
+
+def test_read_json_list_and_single_object(tmp_path):
+    (tmp_path / "l.json").write_text(json.dumps([{"text": "a"}, {"text": "b", "id": 2}]), encoding="utf-8")
+    (tmp_path / "o.json").write_text(json.dumps({"text": "single"}), encoding="utf-8")
+    assert read_documents(DatasetSource(str(tmp_path / "l.json"))) == ["a", "b"]
+    assert read_documents(DatasetSource(str(tmp_path / "o.json"))) == ["single"]
+
+
+def test_read_glob_patterns(tmp_path):
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "b1"}, {"text": "b2"}])
+    (tmp_path / "a.txt").write_text("a", encoding="utf-8")
+    (tmp_path / "sub" / "c.txt").write_text("c", encoding="utf-8")
+    (tmp_path / "sub" / "deep" / "d.txt").write_text("d", encoding="utf-8")
+    assert read_documents(DatasetSource(str(tmp_path / "*.txt"))) == ["a"]
+    assert read_documents(DatasetSource(str(tmp_path / "*.*"))) == ["a", "b1", "b2"]  # sorted file order
+    assert sorted(read_documents(DatasetSource(str(tmp_path / "**" / "*.txt")))) == ["a", "c", "d"]
+
+
+@pytest.mark.parametrize("bad_line, record", [('{"txt": "x"}', 2), ('{"text": 5}', 2), ("[1, 2]", 2), ('"s"', 2)])
+def test_read_jsonl_record_without_text(tmp_path, bad_line, record):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n' + bad_line + '\n{"text": "ok"}\n', encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    assert str(path) in str(info.value) and f"record {record}" in str(info.value) and "'text'" in str(info.value)
+
+
+def test_read_jsonl_record_number_counts_blank_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"no": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="record 3 "):
+        read_documents(DatasetSource(str(path)))
+
+
+def test_read_json_record_without_text(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"text": "ok"}, {"text": "ok"}, {"body": "x"}]), encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    assert str(path) in str(info.value) and "record 3 " in str(info.value)
+
+
+def test_read_jsonl_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "unterminated\n', encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    assert str(path) in str(info.value) and "2" in str(info.value)
+
+
+def test_read_unknown_suffix(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text\nhello\n", encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    assert str(path) in str(info.value) and "'.csv'" in str(info.value)
+    # A glob that picks up an unsupported file reports that file.
+    (tmp_path / "ok.txt").write_text("fine", encoding="utf-8")
+    with pytest.raises(ValueError, match="data.csv"):
+        read_documents(DatasetSource(str(tmp_path / "*")))
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "nothing-*.jsonl", "**/none.txt"])
+def test_read_path_matching_nothing(tmp_path, name):
+    pattern = str(tmp_path / name)
+    with pytest.raises(FileNotFoundError) as info:
+        read_documents(DatasetSource(pattern))
+    assert repr(pattern) in str(info.value)
+
+
+def test_pack_sequences_against_reference():
+    rng = random.Random(0)
+    for _ in range(100):
+        docs = [[rng.randrange(1000) for _ in range(rng.randint(0, 30))] for _ in range(rng.randint(0, 8))]
+        length = rng.randint(1, 20)
+        flat = list(itertools.chain.from_iterable(docs))
+        expected_rows = [flat[i : i + length] for i in range(0, len(flat) - length + 1, length)]
+        packed = pack_sequences(docs, length)
+        assert packed.dtype == torch.long
+        assert packed.shape == (len(flat) // length, length)
+        assert packed.tolist() == expected_rows
+        assert packed.flatten().tolist() == flat[: len(expected_rows) * length]  # order kept, only the tail dropped
+
+
+def test_resumable_sampler_resumes_mid_epoch():
+    dataset = list(range(37))
+    for num_replicas, rank, shuffle in [(1, 0, True), (2, 1, True), (3, 0, True), (1, 0, False)]:
+        kwargs = dict(num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=5, drop_last=shuffle)
+        reference = ResumableSampler(dataset, **kwargs)
+        epochs = {}
+        for epoch in range(4):
+            reference.set_epoch(epoch)
+            epochs[epoch] = list(reference)
+        if shuffle:
+            assert epochs[0] != epochs[1]
+        for resume_epoch in (0, 2):
+            for skip in (0, 1, 5, len(epochs[resume_epoch]) - 1, len(epochs[resume_epoch])):
+                sampler = ResumableSampler(dataset, **kwargs)
+                sampler.resume_epoch = resume_epoch
+                sampler.resume_samples = skip
+                sampler.set_epoch(resume_epoch)
+                assert list(sampler) == epochs[resume_epoch][skip:]
+                assert list(sampler) == epochs[resume_epoch]  # the next pass of the same epoch is whole again
+                sampler.set_epoch(resume_epoch + 1)
+                assert list(sampler) == epochs[resume_epoch + 1]
+
+
+def test_resumable_sampler_without_resume_is_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+
+    dataset = list(range(23))
+    for epoch in range(3):
+        ours = ResumableSampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=1)
+        theirs = DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=1)
+        ours.set_epoch(epoch)
+        theirs.set_epoch(epoch)
+        assert list(ours) == list(theirs)
+
+
+@pytest.mark.parametrize("sequence_len, suggestion", [(100, 128), (32, 64), (200, 192), (0, 64), (-64, 64)])
+def test_text_data_module_sequence_len(sequence_len, suggestion):
+    with pytest.raises(ValueError) as info:
+        TextDataModule(datasets=[DatasetSource("x.jsonl")], sequence_len=sequence_len)
+    message = str(info.value)
+    assert f"data.sequence_len={sequence_len}" in message and "multiple of 64" in message
+    assert f"try {suggestion}" in message
+    assert suggestion > 0 and suggestion % 64 == 0
+
+
+def test_text_data_module_valid_arguments(tmp_path):
+    data = tmp_path / "x.jsonl"
+    data.write_text('{"text": "w1 w2"}\n')
+    dm = TextDataModule(datasets=[{"dataset_path": str(data)}], sequence_len=192, eval_fraction=0.0)
+    assert dm.datasets == [DatasetSource(str(data))] and dm.sequence_len == 192
+    assert dm.micro_batches == 1  # no trainer attached
+    with pytest.raises(ValueError, match="eval_fraction=1"):
+        TextDataModule(datasets=[DatasetSource(str(data))], sequence_len=64, eval_fraction=1)
+    with pytest.raises(ValueError, match="data.datasets is empty"):
+        TextDataModule(datasets=[], sequence_len=64)

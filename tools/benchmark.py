@@ -1,0 +1,253 @@
+"""Training-step benchmark: lit_qlp's real training path against Hugging Face transformers + PEFT, in one run.
+
+    python tools/benchmark.py --shape llama3-8b --seq 4096 --modes lit-lora,hf-lora
+    python tools/benchmark.py --shape tiny --seq 128 --device cpu          # a smoke run anywhere
+
+Builds a model of the given shape with random weights (throughput and memory do not depend on the values) and
+saves it to ``--model-dir``, then runs each mode in a fresh process so that peak memory is its own:
+
+- ``lit-lora``: lit_qlp through Lightning's Trainer and PipelineStrategy (one process, one stage), bf16 base,
+  LoRA on all linear layers, activation checkpointing, ``--micro-batches`` sequences per optimizer step.
+- ``hf-lora``: transformers + PEFT LoRA (alpha = r), non-reentrant activation checkpointing, AdamW, one optimizer
+  step per sequence: the usual recipe.
+
+Prints one table: mode, seq, tokens/s (median step after warm-up), peak GPU memory
+(``torch.cuda.max_memory_allocated``), ratio to the HF baseline, and the fraction of the physical limit
+(6 × linear parameters FLOP per token against the measured bf16 matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # Llama-3-8B: the reference shape of ../shared/gpu/README.md.
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def build_model(shape: str, model_dir: Path, device: str) -> None:
+    """Saves a random-weight Llama of ``shape`` in bf16 safetensors to ``model_dir`` (skipped if present)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (model_dir / "config.json").is_file():
+        return
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(model_dir)
+    del model
+    if device != "cpu":
+        torch.cuda.empty_cache()
+
+
+def linear_parameters(model_dir: Path) -> int:
+    """Number of weights in the linear layers (decoder projections and the LM head), from the config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_flops(device: str) -> float:
+    """Measured bf16 matmul rate (FLOP/s) on a large square product."""
+    if device == "cpu":
+        n, dtype = 1024, torch.float32
+    else:
+        n, dtype = 8192, torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    repeats = 20
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    rate = 2 * n**3 * repeats / (time.perf_counter() - start)
+    del a, b
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    return rate
+
+
+def synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else float("nan")
+
+
+def run_hf_lora(args) -> dict:
+    """transformers + PEFT LoRA, one optimizer step per sequence; median step time after warm-up."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    device = args.device
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device
+    )
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(
+        model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules="all-linear")
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    vocab = model.config.vocab_size
+    times = []
+    for _ in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (1, args.seq), device=device)
+        synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[args.warmup :])
+    return {"tokens_per_s": args.seq / step, "peak_gib": peak_memory(device)}
+
+
+def run_lit_lora(args) -> dict:
+    """lit_qlp's real path: Trainer + CausalLMModule + PipelineStrategy on synthetic token batches."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lit_qlp.module import CausalLMModule
+    from lit_qlp.strategies import PipelineStrategy
+
+    device = args.device
+    times: list[float] = []
+
+    class StepTimer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            synchronize(device)
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            synchronize(device)
+            times.append(time.perf_counter() - self.start)
+
+    class RandomTokens(pl.LightningDataModule):
+        def train_dataloader(self):
+            generator = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, vocab, (total, args.seq), generator=generator)
+            rows = [{"input_ids": r, "labels": r} for r in ids]
+            return DataLoader(rows, batch_size=args.micro_batches)
+
+    module = CausalLMModule(args.model_dir, dtype="bfloat16", lora_rank=args.rank, lr=1e-5)
+    vocab = module.source.config.vocab_size
+    steps = args.warmup + args.steps
+    total = steps * args.micro_batches
+    trainer = pl.Trainer(
+        accelerator="cpu" if device == "cpu" else "gpu",
+        devices=1,
+        strategy=PipelineStrategy(gradient_accumulation_steps=args.micro_batches),
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[StepTimer()],
+    )
+    trainer.fit(module, RandomTokens())
+    step = statistics.median(times[args.warmup :])
+    return {"tokens_per_s": args.micro_batches * args.seq / step, "peak_gib": peak_memory(device)}
+
+
+RUNNERS = {"lit-lora": run_lit_lora, "hf-lora": run_hf_lora}
+BASELINE = {"lit-lora": "hf-lora"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: /tmp/bench-<shape>")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--micro-batches", type=int, default=8, help="lit_qlp sequences per optimizer step")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--modes", default="lit-lora,hf-lora")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model_dir = args.model_dir or Path(f"/tmp/bench-{args.shape}")
+
+    if args.run:
+        print("RESULT " + json.dumps(RUNNERS[args.run](args)), flush=True)
+        return
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in RUNNERS]
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {sorted(RUNNERS)}")
+    build_model(args.shape, args.model_dir, args.device)
+    flops = matmul_flops(args.device)
+    limit = flops / (6 * linear_parameters(args.model_dir))
+    results = {}
+    for mode in modes:
+        command = [sys.executable, __file__, "--run", mode] + [a for a in sys.argv[1:] if a != "--run"]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-4000:], proc.stderr[-8000:], file=sys.stderr)
+            raise SystemExit(f"benchmark mode {mode} failed (exit {proc.returncode})")
+        results[mode] = json.loads(lines[-1][len("RESULT ") :])
+
+    print(
+        f"\nshape {args.shape}, seq {args.seq}, LoRA r={args.rank}, matmul {flops / 1e12:.0f} TFLOP/s, "
+        f"limit {limit:,.0f} tokens/s"
+    )
+    print("| mode | seq | tokens/s | peak GPU memory (GiB) | vs baseline | of physical limit |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for mode, r in results.items():
+        base = results.get(BASELINE.get(mode, ""))
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "baseline"
+        print(
+            f"| {mode} | {args.seq} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} | "
+            f"{r['tokens_per_s'] / limit:.1%} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"limit": limit, "matmul_flops": flops, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
