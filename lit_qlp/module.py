@@ -186,7 +186,7 @@ class CausalLMModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._eval_tokens:
             loss = self._eval_loss_sum / self._eval_tokens
-            self.log("eval/loss", loss, prog_bar=True, rank_zero_only=True)
+            self.log("eval/loss", loss, prog_bar=True, sync_dist=True)  # equal on all ranks already
 
     # ----------------------------------------------------------------- export
     def export(self, directory: Path) -> None:

@@ -121,6 +121,7 @@ def run_hf_lora(args) -> dict:
         args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device
     )
     model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode, in which transformers skips activation checkpointing
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(
