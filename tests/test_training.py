@@ -30,13 +30,12 @@ def write_corpus(path: Path, documents: int = 120, seed: int = 0) -> Path:
     return path
 
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, launcher: tuple[str, ...] = (sys.executable, "-m")) -> None:
+    """Runs ``<launcher> lit_qlp <args>`` (by default ``python -m lit_qlp``) and fails the test if it fails."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, "-m", "lit_qlp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, f"lit-qlp {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
+    command = [*launcher, "lit_qlp", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
 def scalars(root: Path, tag: str) -> dict[int, float]:
@@ -159,3 +158,78 @@ def test_epoch_adapter_loads_in_peft_with_the_trained_logits(tiny_model, corpus,
         model = peft.PeftModel.from_pretrained(load_hf(model_dir, "sdpa"), adapter_dir).eval()
         reference = model(input_ids=ids).logits
     torch.testing.assert_close(x, reference)
+
+
+def assert_same_losses(root: Path, reference: dict[int, float], steps: int) -> None:
+    losses = scalars(root, "train/loss")
+    assert sorted(losses) == list(range(steps)), losses
+    for step, loss in losses.items():
+        torch.testing.assert_close(loss, reference[step], msg=lambda m: f"step {step}: {m}")
+
+
+TWO_STAGES = ("--trainer.max_steps=4", "--trainer.devices=2", "--trainer.strategy.pipeline_stages=2")
+
+
+def test_torchrun_launch(tiny_model, corpus, reference_run, tmp_path):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m")
+    run_cli(fit_args(tiny_model("llama"), corpus, tmp_path, *TWO_STAGES), ROOT, launcher)
+    assert_same_losses(tmp_path, scalars(reference_run, "train/loss"), 4)
+
+
+def test_deepspeed_launcher(tiny_model, corpus, reference_run, tmp_path):
+    launcher = (sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2", "--no_local_rank", "--module")
+    run_cli(fit_args(tiny_model("llama"), corpus, tmp_path, *TWO_STAGES), ROOT, launcher)
+    assert_same_losses(tmp_path, scalars(reference_run, "train/loss"), 4)
+
+
+@pytest.fixture(scope="module")
+def four_sequence_reference(tiny_model, corpus, tmp_path_factory) -> dict[int, float]:
+    """One process, 4 sequences per step: the same sequences per step as 2 replicas × 2 micro-batches."""
+    root = tmp_path_factory.mktemp("reference4")
+    run_cli(
+        fit_args(tiny_model("llama"), corpus, root, "--trainer.max_steps=4")
+        + ["--trainer.strategy.gradient_accumulation_steps=4"],
+        ROOT,
+    )
+    return scalars(root, "train/loss")
+
+
+FOUR_PROCESSES = ("--trainer.max_steps=4", "--trainer.strategy.pipeline_stages=2")
+
+
+def test_two_stages_times_two_replicas_column_major(tiny_model, corpus, four_sequence_reference, tmp_path):
+    run_cli(
+        fit_args(tiny_model("llama"), corpus, tmp_path, *FOUR_PROCESSES, "--trainer.devices=4")
+        + ["--trainer.strategy.use_column_major_topology=true"],
+        ROOT,
+    )
+    assert_same_losses(tmp_path, four_sequence_reference, 4)
+
+
+def test_simulated_two_nodes_under_the_deepspeed_launcher(tiny_model, corpus, four_sequence_reference, tmp_path):
+    """2 nodes × 2 processes on one machine, each node started as DeepSpeed's runner starts it over ssh."""
+    import base64
+
+    world = base64.urlsafe_b64encode(json.dumps({"node0": [0, 1], "node1": [0, 1]}).encode()).decode()
+    args = fit_args(tiny_model("llama"), corpus, tmp_path, *FOUR_PROCESSES, "--trainer.devices=2")
+    args.append("--trainer.num_nodes=2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    port = str(29000 + os.getpid() % 1000)
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}", f"--node_rank={rank}"]
+            + ["--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", "--module", "lit_qlp", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-6000:]
+    # Ranks 0-1 (node 0) hold stage 0 of both replicas, ranks 2-3 (node 1) stage 1: the launcher's ranks were used.
+    assert "ProcessCoord(pipe=1, data=1): 3" in outputs[0]
+    assert_same_losses(tmp_path, four_sequence_reference, 4)

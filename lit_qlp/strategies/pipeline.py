@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lit_qlp.strategies.deepspeed_patches import skip_cpu_shm_comm_build
+from lit_qlp.strategies.environment import DeepSpeedLauncherEnvironment
 from lit_qlp.strategies.partition import check_partition_method, partition_layers
 
 
@@ -85,9 +86,10 @@ class PipelineStrategy(DDPStrategy):
         partition_method: How layers are spread over stages: "uniform" (same number of layers), "parameters"
             (balance parameter counts, counted from the config) or "type:REGEX" (balance the layers whose class
             name matches REGEX, e.g. "type:decoder").
-        use_column_major_topology: Number ranks data-parallel-first (ranks ``0..D-1`` form stage 0 of every
-            replica) instead of pipeline-first; puts the stages of one replica on different nodes and the
-            gradient all-reduce inside a node.
+        use_column_major_topology: Number the ranks pipeline-first: ranks ``0..S-1`` are the S stages of replica
+            0, so a whole pipeline sits on consecutive ranks (one node) and activations stay inside a node while
+            the gradient all-reduce crosses nodes. By default (DeepSpeed's layout) ranks ``0..D-1`` are stage 0 of
+            every replica: the all-reduce stays inside a node and activations cross nodes.
         activation_checkpointing: Recompute each decoder layer in the backward pass instead of keeping its
             activations (non-reentrant torch checkpointing).
         timeout: Timeout of collective operations.
@@ -118,6 +120,8 @@ class PipelineStrategy(DDPStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
     ) -> None:
+        if cluster_environment is None and DeepSpeedLauncherEnvironment.detect():
+            cluster_environment = DeepSpeedLauncherEnvironment()
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
