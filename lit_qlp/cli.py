@@ -21,6 +21,11 @@ from lit_qlp.data import TextDataModule
 from lit_qlp.module import CausalLMModule
 
 
+def evals_to_interval(evals_per_epoch: int) -> float:
+    """``trainer.val_check_interval`` (a fraction of the epoch) for ``evals_per_epoch`` evenly spaced evaluations."""
+    return 1.0 / evals_per_epoch
+
+
 class LitQLPCLI(LightningCLI):
     """LightningCLI with lit-qlp's defaults.
 
@@ -29,17 +34,20 @@ class LitQLPCLI(LightningCLI):
     - ``checkpoint``: ModelCheckpoint writing DeepSpeed checkpoint directories to ``<root>/checkpoints`` with a
       ``last`` link, so that ``--ckpt_path last`` resumes.
     - ``export``: EpochExport, the adapter of each epoch in ``<root>/epoch{N}``.
-    - ``data.tokenizer_dir`` follows ``model.model_dir``.
+    - ``data.tokenizer_dir`` follows ``model.model_dir``; ``trainer.val_check_interval`` follows
+      ``data.evals_per_epoch``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)  # the module configures its own optimizer
         super().__init__(CausalLMModule, TextDataModule, *args, **kwargs)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_dir", "data.tokenizer_dir")
+        parser.link_arguments("data.evals_per_epoch", "trainer.val_check_interval", compute_fn=evals_to_interval)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -47,6 +55,8 @@ class LitQLPCLI(LightningCLI):
                 "checkpoint.save_top_k": 3,
                 "checkpoint.monitor": "step",
                 "checkpoint.mode": "max",
+                # A resumed run re-points last.ckpt instead of adding last-v1.ckpt beside it.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(EpochExport, "export")

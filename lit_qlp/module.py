@@ -13,23 +13,14 @@ from typing_extensions import override
 
 from lit_qlp.adapters.lora import LoraAdapter, lora_tensors, peft_adapter_config, save_peft_adapter
 from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets, parse_layer_ranges
+from lit_qlp.data.text import TOKENIZER_FILES
 from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.kernels.cross_entropy import IGNORE_INDEX
 from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe, stage_weights
 from lit_qlp.strategies.pipeline import PipelineSpec
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+# Copied beside exported weights so that the export loads on its own.
+EXPORTED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 def shift_left(tensor: torch.Tensor, fill: int) -> torch.Tensor:
@@ -55,6 +46,10 @@ class CausalLMModule(pl.LightningModule):
         lr: Learning rate of the optimizer (optimi Adam).
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon.
+        loss_implementation: The fused LM head + cross-entropy: "auto" (Triton on CUDA, torch on CPU), "triton"
+            or "torch".
+        loss_chunk_size: Tokens per chunk of the fused head + loss; the last stage holds this many tokens' logits
+            at a time instead of the whole sequence's.
         trust_remote_code: Allow custom model code from ``model_dir``'s config.
     """
 
@@ -72,6 +67,8 @@ class CausalLMModule(pl.LightningModule):
         lr: float = 2e-5,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-6,
+        loss_implementation: Literal["auto", "triton", "torch"] = "auto",
+        loss_chunk_size: int = 1024,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -102,7 +99,9 @@ class CausalLMModule(pl.LightningModule):
         decoder_linears = linear_names(self.source.submodule("model.layers.0"))
         check_targets(decoder_linears, target_modules, f"{self.model_dir.name}'s decoder layers")
         self.targeted = [n.rsplit(".", 1)[-1] for n in match_targets(decoder_linears, target_modules)]
-        self.loss_fn = TokenWeightedLoss()
+        if loss_chunk_size < 1:
+            raise ValueError(f"model.loss_chunk_size={loss_chunk_size} must be a positive number of tokens")
+        self.loss_fn = TokenWeightedLoss(loss_implementation, loss_chunk_size)
         self.pipe: torch.nn.Module | None = None
         self._eval_loss_sum = 0.0
         self._eval_tokens = 0
@@ -124,7 +123,7 @@ class CausalLMModule(pl.LightningModule):
         )
         layers = [LayerSpec(EmbeddingPipe, self.source)]
         layers += [LayerSpec(DecoderLayerPipe, self.source, i, adapter) for i in range(self.source.quirks.num_layers)]
-        layers.append(LayerSpec(OutputPipe, self.source))
+        layers.append(LayerSpec(OutputPipe, self.source, self.loss_fn))
         return PipelineSpec(
             layers=layers,
             parameter_counts=stage_weights(self.source),
@@ -222,6 +221,6 @@ class CausalLMModule(pl.LightningModule):
 
 def copy_tokenizer_files(model_dir: Path, directory: Path) -> None:
     """Copies the tokenizer (and chat template, generation config) files of ``model_dir`` into ``directory``."""
-    for name in TOKENIZER_FILES:
+    for name in EXPORTED_FILES:
         if (Path(model_dir) / name).is_file():
             shutil.copy2(Path(model_dir) / name, Path(directory) / name)

@@ -137,7 +137,11 @@ def test_every_config_parses(config, assets, tmp_path, monkeypatch, capsys):
         if key[:2] in overridden or key[:2] in {("trainer", "callbacks"), ("trainer", "logger")}:
             continue
         assert key in parsed, f"{config.name}: {'.'.join(map(str, key))} is missing from the parsed config"
-        assert parsed[key] == value, f"{config.name}: {'.'.join(map(str, key))}"
+        got = parsed[key]
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            # Lists of dataclasses print with their defaults filled in: compare the keys the file sets.
+            got = [{k: g[k] for k in v} for g, v in zip(got, value)]
+        assert got == value, f"{config.name}: {'.'.join(map(str, key))}"
     assert not (tmp_path / "root").exists(), "--print_config wrote into default_root_dir"
 
 

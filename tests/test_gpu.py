@@ -28,6 +28,7 @@ def test_bf16_pipeline_logits_match_hf_on_gpu(tiny_model, arch):
     with torch.no_grad():
         for layer in layers:
             x = layer(x)
+        x = layers[-1].logits(x)
         reference = hf(ids).logits
     torch.testing.assert_close(x.float(), reference.float(), rtol=2e-2, atol=2e-2)
 

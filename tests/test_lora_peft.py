@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear, lora_tensors
-from lit_qlp.kernels.cross_entropy import cross_entropy_sum
+from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
 from lit_qlp.module import shift_left
 from tests.tiny_models import VOCAB, load_hf
@@ -26,7 +26,9 @@ def build_lit_layers(model_dir, rank: int, target_modules, layers_to_transform=N
         dtype=torch.float32,
         seed=0,
     )
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i, adapter) for i in range(n)] + [OutputPipe(source)]
+    loss_fn = TokenWeightedLoss()
+    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i, adapter) for i in range(n)]
+    layers.append(OutputPipe(source, loss_fn))
     # B starts at zero, which would make A's gradient zero; give every B a value so both gradients are tested.
     generator = torch.Generator().manual_seed(1)
     for layer in layers:
@@ -34,7 +36,7 @@ def build_lit_layers(model_dir, rank: int, target_modules, layers_to_transform=N
             if isinstance(module, LoraLinear):
                 with torch.no_grad():
                     module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=generator) * 0.1)
-    return source, layers
+    return source, layers, loss_fn
 
 
 def peft_key(lit_key: str) -> str:
@@ -49,7 +51,7 @@ def peft_key(lit_key: str) -> str:
 )
 def test_first_step_loss_and_lora_gradients_match_peft(tiny_model, arch, target_modules, layers_to_transform):
     model_dir = tiny_model(arch)
-    source, layers = build_lit_layers(model_dir, 4, target_modules, layers_to_transform)
+    source, layers, loss_fn = build_lit_layers(model_dir, 4, target_modules, layers_to_transform)
     ours = lora_tensors(layers)
 
     hf = load_hf(model_dir, source.config._attn_implementation)
@@ -73,13 +75,14 @@ def test_first_step_loss_and_lora_gradients_match_peft(tiny_model, arch, target_
     labels = ids.clone()
     labels[0, :12] = -100
 
-    total = (shift_left(labels, -100) != -100).sum()
+    # The pipeline's own loss (fused head + cross-entropy), normalised by the step's label tokens.
+    loss_fn.normalizer = float((shift_left(labels, -100) != -100).sum())
     loss = 0.0
     for i in range(2):
         x = (ids[i : i + 1], torch.arange(20).unsqueeze(0), torch.zeros_like(ids[i : i + 1]))
         for layer in layers:
             x = layer(x)
-        micro_loss = cross_entropy_sum(x, shift_left(labels[i : i + 1], -100)) / total
+        micro_loss = loss_fn(x, shift_left(labels[i : i + 1], -100))
         micro_loss.backward()
         loss = loss + micro_loss.detach()
 

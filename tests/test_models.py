@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lit_qlp.kernels.cross_entropy import cross_entropy_sum
+from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
 from lit_qlp.module import shift_left
 from tests.tiny_models import ARCHITECTURES, VOCAB, load_hf
@@ -33,17 +33,20 @@ def test_one_stage_matches_hf(tiny_model, arch):
     source = ModelSource(model_dir, dtype="float32")
     layers = [EmbeddingPipe(source)]
     layers += [DecoderLayerPipe(source, i) for i in range(source.quirks.num_layers)]
-    layers.append(OutputPipe(source))
+    loss_fn = TokenWeightedLoss()
+    layers.append(OutputPipe(source, loss_fn))
     hf = load_hf(model_dir, source.config._attn_implementation)
     ids = batch()
     labels = ids.clone()
     labels[0, :5] = -100
-    with torch.no_grad():
-        logits = run_layers(layers, ids)
-        reference = hf(ids, labels=labels)
-    torch.testing.assert_close(logits, reference.logits)
     shifted = shift_left(labels, -100)
-    loss = cross_entropy_sum(logits, shifted) / (shifted != -100).sum()
+    loss_fn.normalizer = float((shifted != -100).sum())
+    with torch.no_grad():
+        hidden = run_layers(layers, ids)
+        reference = hf(ids, labels=labels)
+        logits = layers[-1].logits(hidden)
+        loss = loss_fn(hidden, shifted)  # the pipeline's fused head + loss
+    torch.testing.assert_close(logits, reference.logits)
     torch.testing.assert_close(loss, reference.loss)
 
 
@@ -88,8 +91,10 @@ def _two_stage_worker(rank: int, world_size: int, port: int, model_dirs: dict, o
             labels = shift_left(ids, -100)
             spec.loss_fn.normalizer = float((labels != -100).sum())
             micro = ((ids, torch.arange(SEQ).unsqueeze(0), torch.zeros_like(ids)), labels)
-            loss, logits = engine.eval_batch(iter([micro]), return_logits=True, num_micro_batches=1)
+            loss, hidden = engine.eval_batch(iter([micro]), return_logits=True, num_micro_batches=1)
             if engine.is_last_stage():
+                with torch.no_grad():
+                    logits = pipe.forward_funcs[-1].logits(hidden)
                 out[arch] = (loss.clone(), logits.clone(), len(pipe.forward_funcs))
     finally:
         torch.distributed.destroy_process_group()

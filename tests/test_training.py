@@ -63,7 +63,7 @@ def fit_args(model_dir: Path, corpus: Path, root: Path, *extra: str) -> list[str
         "--data.eval_fraction=0.1",
         f"--trainer.default_root_dir={root}",
         "--trainer.strategy.gradient_accumulation_steps=2",
-        "--trainer.val_check_interval=4",
+        "--data.evals_per_epoch=4",
         *extra,
     ]
 
@@ -155,6 +155,7 @@ def test_epoch_adapter_loads_in_peft_with_the_trained_logits(tiny_model, corpus,
     with torch.no_grad():
         for layer in layers:
             x = layer(x)
+        x = layers[-1].logits(x)
         model = peft.PeftModel.from_pretrained(load_hf(model_dir, "sdpa"), adapter_dir).eval()
         reference = model(input_ids=ids).logits
     torch.testing.assert_close(x, reference)
@@ -233,3 +234,46 @@ def test_simulated_two_nodes_under_the_deepspeed_launcher(tiny_model, corpus, fo
     # Ranks 0-1 (node 0) hold stage 0 of both replicas, ranks 2-3 (node 1) stage 1: the launcher's ranks were used.
     assert "ProcessCoord(pipe=1, data=1): 3" in outputs[0]
     assert_same_losses(tmp_path, four_sequence_reference, 4)
+
+
+def trained_rows(root: Path) -> dict[int, list[str]]:
+    """Sequence hashes trained per epoch, over all ranks, from tests.recording.RecordBatches (last record per step)."""
+    per_step: dict[tuple[int, int], list[str]] = {}
+    for path in root.glob("batches.rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            per_step[(path.name, record["step"])] = (record["epoch"], record["rows"])
+    epochs: dict[int, list[str]] = {}
+    for epoch, rows in per_step.values():
+        epochs.setdefault(epoch, []).extend(rows)
+    return epochs
+
+
+def test_data_parallel_resume_mid_epoch_is_exact_and_sees_every_sequence_once(tiny_model, corpus, tmp_path):
+    """2 data-parallel processes; stopped in the second epoch and resumed: same losses, each sequence once."""
+    model_dir = tiny_model("llama")
+    common = ["--trainer.devices=2", "--trainer.callbacks+=tests.recording.RecordBatches"]
+    full = tmp_path / "full"
+    run_cli(fit_args(model_dir, corpus, full, "--trainer.max_epochs=2", *common), ROOT)
+    reference = scalars(full, "train/loss")
+    steps_per_epoch = len(reference) // 2
+    stop = steps_per_epoch + 2
+
+    resumed = tmp_path / "resumed"
+    run_cli(
+        fit_args(model_dir, corpus, resumed, f"--trainer.max_steps={stop}", "--trainer.max_epochs=2", *common)
+        + [f"--checkpoint.every_n_train_steps={stop}"],
+        ROOT,
+    )
+    run_cli(fit_args(model_dir, corpus, resumed, "--trainer.max_epochs=2", "--ckpt_path=last", *common), ROOT)
+    losses = scalars(resumed, "train/loss")
+    assert sorted(losses) == sorted(reference)
+    for step in sorted(reference):
+        assert losses[step] == reference[step], f"step {step}: resumed {losses[step]} != {reference[step]}"
+
+    full_rows, resumed_rows = trained_rows(full), trained_rows(resumed)
+    assert sorted(full_rows) == [0, 1]
+    for epoch, rows in full_rows.items():
+        # Every global batch is complete and no sequence repeats within an epoch, across both replicas.
+        assert len(rows) == len(set(rows)) == steps_per_epoch * 2 * 2, f"epoch {epoch}"
+        assert sorted(resumed_rows[epoch]) == sorted(rows), f"epoch {epoch}: the resumed run saw other sequences"

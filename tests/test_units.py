@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +12,6 @@ from torch import nn
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
 from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets, parse_layer_ranges
-from lit_qlp.data.text import (
-    DatasetSource,
-    ResumableSampler,
-    TextDataModule,
-    pack_sequences,
-    read_documents,
-)
 from lit_qlp.kernels.cross_entropy import IGNORE_INDEX, TokenWeightedLoss, cross_entropy_sum
 from lit_qlp.strategies.partition import (
     check_partition_method,
@@ -430,177 +421,29 @@ def test_cross_entropy_sum_gradient_matches_torch():
     torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_token_weighted_loss_divides_by_normalizer():
-    logits, labels = random_logits_labels((2, 6), 10, 0.25, seed=3)
-    loss_fn = TokenWeightedLoss()
+def test_token_weighted_loss_is_the_fused_head_loss_divided_by_normalizer():
+    from lit_qlp.models.pipeline import OutputPipe
+
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 6, 8, generator=generator)
+    weight = torch.randn(10, 8, generator=generator)
+    labels = torch.randint(0, 10, (2, 6), generator=generator)
+    labels[0, :3] = -100
+    head = OutputPipe.__new__(OutputPipe)
+    nn.Module.__init__(head)
+    head.lm_head = nn.Linear(8, 10, bias=False)
+    head.lm_head.weight.data.copy_(weight)
+    head.logit_scale, head.softcap = None, None
+    loss_fn = TokenWeightedLoss(chunk_size=5)
+    with pytest.raises(RuntimeError, match="no head"):
+        loss_fn(hidden, labels)
+    loss_fn.bind(head)
     assert loss_fn.normalizer == 1.0
-    torch.testing.assert_close(loss_fn(logits, labels), cross_entropy_sum(logits, labels))
+    reference = F.cross_entropy((hidden @ weight.T).reshape(-1, 10), labels.reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss_fn(hidden, labels), reference)
     loss_fn.normalizer = 3.5
-    expected = F.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), reduction="sum", ignore_index=-100) / 3.5
-    torch.testing.assert_close(loss_fn(logits, labels), expected)
+    torch.testing.assert_close(loss_fn(hidden, labels), reference / 3.5)
     # With the normalizer at the label-token count it is the usual mean loss.
     loss_fn.normalizer = float((labels != -100).sum())
-    mean = F.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(loss_fn(logits, labels), mean)
-
-
-# ----------------------------------------------------------------------------------------------------- data
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def test_read_txt_is_one_document_per_file(tmp_path):
-    text = 'first line\nsecond line\n\nafter a blank line {"text": 1}\n'
-    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
-    assert read_documents(DatasetSource(str(tmp_path / "a.txt"))) == [text]
-
-
-def test_read_jsonl(tmp_path):
-    texts = ["one", "two\nlines", "", "ünïcödé"]
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "other": i} for i, t in enumerate(texts)])
-    path.write_text(path.read_text(encoding="utf-8") + "\n   \n", encoding="utf-8")  # trailing blank lines
-    assert read_documents(DatasetSource(str(path))) == texts
-
-
-def test_read_json_list_and_single_object(tmp_path):
-    (tmp_path / "l.json").write_text(json.dumps([{"text": "a"}, {"text": "b", "id": 2}]), encoding="utf-8")
-    (tmp_path / "o.json").write_text(json.dumps({"text": "single"}), encoding="utf-8")
-    assert read_documents(DatasetSource(str(tmp_path / "l.json"))) == ["a", "b"]
-    assert read_documents(DatasetSource(str(tmp_path / "o.json"))) == ["single"]
-
-
-def test_read_glob_patterns(tmp_path):
-    (tmp_path / "sub" / "deep").mkdir(parents=True)
-    write_jsonl(tmp_path / "b.jsonl", [{"text": "b1"}, {"text": "b2"}])
-    (tmp_path / "a.txt").write_text("a", encoding="utf-8")
-    (tmp_path / "sub" / "c.txt").write_text("c", encoding="utf-8")
-    (tmp_path / "sub" / "deep" / "d.txt").write_text("d", encoding="utf-8")
-    assert read_documents(DatasetSource(str(tmp_path / "*.txt"))) == ["a"]
-    assert read_documents(DatasetSource(str(tmp_path / "*.*"))) == ["a", "b1", "b2"]  # sorted file order
-    assert sorted(read_documents(DatasetSource(str(tmp_path / "**" / "*.txt")))) == ["a", "c", "d"]
-
-
-@pytest.mark.parametrize("bad_line, record", [('{"txt": "x"}', 2), ('{"text": 5}', 2), ("[1, 2]", 2), ('"s"', 2)])
-def test_read_jsonl_record_without_text(tmp_path, bad_line, record):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n' + bad_line + '\n{"text": "ok"}\n', encoding="utf-8")
-    with pytest.raises(ValueError) as info:
-        read_documents(DatasetSource(str(path)))
-    assert str(path) in str(info.value) and f"record {record}" in str(info.value) and "'text'" in str(info.value)
-
-
-def test_read_jsonl_record_number_counts_blank_lines(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n\n{"no": 1}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="record 3 "):
-        read_documents(DatasetSource(str(path)))
-
-
-def test_read_json_record_without_text(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"text": "ok"}, {"text": "ok"}, {"body": "x"}]), encoding="utf-8")
-    with pytest.raises(ValueError) as info:
-        read_documents(DatasetSource(str(path)))
-    assert str(path) in str(info.value) and "record 3 " in str(info.value)
-
-
-def test_read_jsonl_malformed_line_names_file_and_line(tmp_path):
-    path = tmp_path / "broken.jsonl"
-    path.write_text('{"text": "ok"}\n{"text": "unterminated\n', encoding="utf-8")
-    with pytest.raises(ValueError) as info:
-        read_documents(DatasetSource(str(path)))
-    assert str(path) in str(info.value) and "2" in str(info.value)
-
-
-def test_read_unknown_suffix(tmp_path):
-    path = tmp_path / "data.csv"
-    path.write_text("text\nhello\n", encoding="utf-8")
-    with pytest.raises(ValueError) as info:
-        read_documents(DatasetSource(str(path)))
-    assert str(path) in str(info.value) and "'.csv'" in str(info.value)
-    # A glob that picks up an unsupported file reports that file.
-    (tmp_path / "ok.txt").write_text("fine", encoding="utf-8")
-    with pytest.raises(ValueError, match="data.csv"):
-        read_documents(DatasetSource(str(tmp_path / "*")))
-
-
-@pytest.mark.parametrize("name", ["missing.jsonl", "nothing-*.jsonl", "**/none.txt"])
-def test_read_path_matching_nothing(tmp_path, name):
-    pattern = str(tmp_path / name)
-    with pytest.raises(FileNotFoundError) as info:
-        read_documents(DatasetSource(pattern))
-    assert repr(pattern) in str(info.value)
-
-
-def test_pack_sequences_against_reference():
-    rng = random.Random(0)
-    for _ in range(100):
-        docs = [[rng.randrange(1000) for _ in range(rng.randint(0, 30))] for _ in range(rng.randint(0, 8))]
-        length = rng.randint(1, 20)
-        flat = list(itertools.chain.from_iterable(docs))
-        expected_rows = [flat[i : i + length] for i in range(0, len(flat) - length + 1, length)]
-        packed = pack_sequences(docs, length)
-        assert packed.dtype == torch.long
-        assert packed.shape == (len(flat) // length, length)
-        assert packed.tolist() == expected_rows
-        assert packed.flatten().tolist() == flat[: len(expected_rows) * length]  # order kept, only the tail dropped
-
-
-def test_resumable_sampler_resumes_mid_epoch():
-    dataset = list(range(37))
-    for num_replicas, rank, shuffle in [(1, 0, True), (2, 1, True), (3, 0, True), (1, 0, False)]:
-        kwargs = dict(num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=5, drop_last=shuffle)
-        reference = ResumableSampler(dataset, **kwargs)
-        epochs = {}
-        for epoch in range(4):
-            reference.set_epoch(epoch)
-            epochs[epoch] = list(reference)
-        if shuffle:
-            assert epochs[0] != epochs[1]
-        for resume_epoch in (0, 2):
-            for skip in (0, 1, 5, len(epochs[resume_epoch]) - 1, len(epochs[resume_epoch])):
-                sampler = ResumableSampler(dataset, **kwargs)
-                sampler.resume_epoch = resume_epoch
-                sampler.resume_samples = skip
-                sampler.set_epoch(resume_epoch)
-                assert list(sampler) == epochs[resume_epoch][skip:]
-                assert list(sampler) == epochs[resume_epoch]  # the next pass of the same epoch is whole again
-                sampler.set_epoch(resume_epoch + 1)
-                assert list(sampler) == epochs[resume_epoch + 1]
-
-
-def test_resumable_sampler_without_resume_is_distributed_sampler():
-    from torch.utils.data import DistributedSampler
-
-    dataset = list(range(23))
-    for epoch in range(3):
-        ours = ResumableSampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=1)
-        theirs = DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=1)
-        ours.set_epoch(epoch)
-        theirs.set_epoch(epoch)
-        assert list(ours) == list(theirs)
-
-
-@pytest.mark.parametrize("sequence_len, suggestion", [(100, 128), (32, 64), (200, 192), (0, 64), (-64, 64)])
-def test_text_data_module_sequence_len(sequence_len, suggestion):
-    with pytest.raises(ValueError) as info:
-        TextDataModule(datasets=[DatasetSource("x.jsonl")], sequence_len=sequence_len)
-    message = str(info.value)
-    assert f"data.sequence_len={sequence_len}" in message and "multiple of 64" in message
-    assert f"try {suggestion}" in message
-    assert suggestion > 0 and suggestion % 64 == 0
-
-
-def test_text_data_module_valid_arguments(tmp_path):
-    data = tmp_path / "x.jsonl"
-    data.write_text('{"text": "w1 w2"}\n')
-    dm = TextDataModule(datasets=[{"dataset_path": str(data)}], sequence_len=192, eval_fraction=0.0)
-    assert dm.datasets == [DatasetSource(str(data))] and dm.sequence_len == 192
-    assert dm.micro_batches == 1  # no trainer attached
-    with pytest.raises(ValueError, match="eval_fraction=1"):
-        TextDataModule(datasets=[DatasetSource(str(data))], sequence_len=64, eval_fraction=1)
-    with pytest.raises(ValueError, match="data.datasets is empty"):
-        TextDataModule(datasets=[], sequence_len=64)
+    mean = F.cross_entropy((hidden @ weight.T).reshape(-1, 10), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss_fn(hidden, labels), mean)

@@ -1,5 +1,6 @@
-"""Data: sources -> documents -> token sequences -> batches of one optimizer step."""
+"""Data: sources -> documents -> token sequences (cached) -> batches of one optimizer step."""
 
-from lit_qlp.data.text import DatasetSource, TextDataModule
+from lit_qlp.data.sources import DatasetSource
+from lit_qlp.data.text import TextDataModule
 
 __all__ = ["DatasetSource", "TextDataModule"]

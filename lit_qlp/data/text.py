@@ -1,108 +1,63 @@
-"""TextDataModule: text files to fixed-length token sequences, batched one optimizer step at a time."""
+"""TextDataModule: datasets to cached, fixed-length token sequences, batched one optimizer step at a time."""
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
+import os
 import random
+import shutil
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-SUFFIXES = (".txt", ".json", ".jsonl")
+from lit_qlp.data.packing import Packed, pack, truncate_tokens
+from lit_qlp.data.sources import DatasetSource, dataset_files, read_documents
+from lit_qlp.data.tokenize import DocumentEncoder, TokenSpec, resolve_mask_tokens, resolve_sequence_prefix
 
-
-@dataclass
-class DatasetSource:
-    """One dataset of the mix.
-
-    Attributes:
-        dataset_path: A file or a glob pattern. ``.txt``: the whole file is one document; ``.jsonl``: one JSON
-            object with a "text" field per line; ``.json``: a list of such objects (or one).
-    """
-
-    dataset_path: str
-
-
-def dataset_files(source: DatasetSource) -> list[Path]:
-    """The files that ``source.dataset_path`` names, sorted.
-
-    Raises:
-        FileNotFoundError: if the path or pattern matches no file.
-    """
-    paths = sorted(glob.glob(source.dataset_path, recursive=True)) or (
-        [source.dataset_path] if Path(source.dataset_path).is_file() else []
-    )
-    if not paths:
-        raise FileNotFoundError(f"data.datasets: dataset_path={source.dataset_path!r} matches no file")
-    return [Path(p) for p in paths]
-
-
-def _json(text: str, path: Path, line: int | None = None):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        where = f"{path}, line {line}" if line is not None else str(path)
-        raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); fix or remove it") from None
-
-
-def read_documents(source: DatasetSource) -> list[str]:
-    """The documents of ``source``, in file order.
-
-    Raises:
-        FileNotFoundError: if the path or pattern matches no file.
-        ValueError: naming the file and line of a record without a string "text" field, or an unknown suffix.
-    """
-    documents: list[str] = []
-    for path in dataset_files(source):
-        if path.suffix not in SUFFIXES:
-            raise ValueError(f"data.datasets: {path} has suffix {path.suffix!r}; supported are {', '.join(SUFFIXES)}")
-        if path.suffix == ".txt":
-            documents.append(path.read_text(encoding="utf-8"))
-            continue
-        if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            records = [(n, _json(line, path, n)) for n, line in enumerate(lines, 1) if line.strip()]
-        else:
-            data = _json(path.read_text(encoding="utf-8"), path)
-            records = list(enumerate(data if isinstance(data, list) else [data], 1))
-        for n, record in records:
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: record {n} has no string field 'text'")
-            documents.append(text)
-    return documents
-
-
-def pack_sequences(documents: list[list[int]], sequence_len: int) -> torch.Tensor:
-    """Concatenates token lists and cuts them into ``[n, sequence_len]`` rows; the partial tail is dropped."""
-    flat = [t for doc in documents for t in doc]
-    n = len(flat) // sequence_len
-    return torch.tensor(flat[: n * sequence_len], dtype=torch.long).view(n, sequence_len)
+CACHE_FORMAT = "lit-qlp-data-1"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+COLUMNS = ("input_ids", "labels", "control_classes")
 
 
 class SequenceDataset(Dataset):
-    """Fixed-length token sequences; labels equal the inputs (the model shifts them)."""
+    """Fixed-length sequences (a split of the cached Arrow dataset) as dicts of int64 tensors."""
 
-    def __init__(self, sequences: torch.Tensor) -> None:
-        self.sequences = sequences
+    def __init__(self, table) -> None:
+        self.table = table
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = self.sequences[index]
-        return {"input_ids": ids, "labels": ids.clone(), "control_classes": torch.zeros_like(ids)}
+        row = self.table[int(index)]
+        return {k: torch.as_tensor(np.asarray(row[k]), dtype=torch.long) for k in COLUMNS}
 
 
 class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start its next pass part-way through an epoch, for exact mid-epoch resume."""
+    """A DistributedSampler that skips the samples already trained in the epoch a run resumes in.
+
+    The skip applies to every pass over ``resume_epoch`` (Lightning may create an iterator more than once) and to no
+    other epoch.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -113,24 +68,57 @@ class ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         if self.epoch == self.resume_epoch:
             indices = indices[self.resume_samples :]
-        self.resume_epoch = -1
         return iter(indices)
 
 
-class TextDataModule(pl.LightningDataModule):
-    """Tokenises text datasets into ``sequence_len`` token sequences; one batch is one optimizer step.
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    Documents are tokenised without special tokens, end with the EOS token, are shuffled (seeded), concatenated and
-    cut into sequences. A fraction of the sequences is held out for evaluation. Each batch holds
-    ``gradient_accumulation_steps`` sequences (taken from the PipelineStrategy), sharded by data-parallel replica
-    only, so all pipeline stages of a replica see the same batch. Resuming from a checkpoint continues at the
-    exact next batch of the interrupted epoch.
+
+class TextDataModule(pl.LightningDataModule):
+    """Turns text, records and chats into token sequences, cached on disk; one batch is one optimizer step.
+
+    Per dataset: documents are read, shuffled (seeded), tokenised and capped at ``max_tokens``. Then documents are
+    concatenated and cut into ``sequence_len`` sequences, each opening with ``sequence_prefix``; per dataset unless
+    ``mix_datasets``. Sequences are shuffled, capped at ``max_sequences`` and split into train and evaluation.
+    Each batch holds ``gradient_accumulation_steps`` sequences (from the PipelineStrategy), sharded by
+    data-parallel replica only, so all pipeline stages of a replica see the same batch; the remainder that would
+    leave a global batch incomplete is dropped. Resuming continues at the exact next batch, mid-epoch included.
+
+    The result is cached in ``cache_dir`` under a key made of the source files' contents, the tokenizer files and
+    every option here, so any change rebuilds it and nothing else does. Global rank 0 builds while the others wait;
+    if the cache directory is not shared between nodes, local rank 0 of each other node then builds its own copy.
 
     Args:
-        datasets: The datasets to mix.
+        datasets: The datasets to mix (``dataset_path``, optional ``max_tokens`` and ``control_class``).
         sequence_len: Tokens per sequence; a multiple of 64.
         eval_fraction: Fraction of the sequences held out for evaluation (0 disables evaluation).
+        evals_per_epoch: Evenly spaced evaluations per epoch (sets the Trainer's ``val_check_interval``).
+        eval_gradient_accumulation_steps: Sequences per evaluation batch; default: ``gradient_accumulation_steps``.
+        max_sequences: Keep at most this many sequences (train and evaluation together).
+        drop_tails: Drop a document's tail that does not fit into a sequence, so every sequence starts with a fresh
+            document.
+        mix_datasets: Let one sequence hold documents of several datasets.
+        sequence_prefix: Tokens opening every sequence (no labels): None: BOS if the tokenizer has one; "": none;
+            a string: its tokens; a token id or a list of ids.
+        document_prefix: None: nothing; a string: prepended to each document's text before tokenising; an id or a
+            list: prepended to its tokens.
+        document_suffix: None: EOS appended if missing; "": nothing; a string: appended to the text before
+            tokenising; an id or a list: appended to the tokens.
+        mask_tokens: Tokens that get label -100 and control class 0: None/false: none; true: every special token;
+            an id or a list of ids.
+        chat_labels: For chat records ("messages" or ShareGPT "conversations", rendered with the tokenizer's chat
+            template): "assistant" trains only assistant turns and their end-of-turn tokens; "all" every token.
+        add_prefix_space: Put a space before each text document (and chat) before tokenising, for BPE tokenizers
+            that tokenise a leading word differently.
+        trust_remote_code: Allow custom tokenizer code from ``tokenizer_dir``.
         tokenizer_dir: Directory of the tokenizer; linked from ``model.model_dir`` by the CLI.
+        cache_dir: Where tokenised datasets are cached; default ``~/.cache/lit-qlp/data``. Put it on a shared
+            filesystem for several nodes.
         seed: Seed of the document and sequence shuffles.
         num_workers: DataLoader worker processes.
     """
@@ -140,7 +128,20 @@ class TextDataModule(pl.LightningDataModule):
         datasets: list[DatasetSource],
         sequence_len: int = 2048,
         eval_fraction: float = 0.01,
+        evals_per_epoch: int = 1,
+        eval_gradient_accumulation_steps: int | None = None,
+        max_sequences: int | None = None,
+        drop_tails: bool = False,
+        mix_datasets: bool = False,
+        sequence_prefix: TokenSpec = None,
+        document_prefix: TokenSpec = None,
+        document_suffix: TokenSpec = None,
+        mask_tokens: bool | int | list[int] | None = None,
+        chat_labels: Literal["assistant", "all"] = "assistant",
+        add_prefix_space: bool = False,
+        trust_remote_code: bool = False,
         tokenizer_dir: Path | None = None,
+        cache_dir: Path | None = None,
         seed: int = 42,
         num_workers: int = 0,
     ) -> None:
@@ -150,6 +151,12 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.sequence_len={sequence_len} must be a multiple of 64; try {suggestion}")
         if not 0 <= eval_fraction < 1:
             raise ValueError(f"data.eval_fraction={eval_fraction} must be in [0, 1)")
+        if evals_per_epoch < 1:
+            raise ValueError(f"data.evals_per_epoch={evals_per_epoch} must be at least 1 (eval_fraction=0 disables)")
+        if eval_gradient_accumulation_steps is not None and eval_gradient_accumulation_steps < 1:
+            raise ValueError(f"data.eval_gradient_accumulation_steps={eval_gradient_accumulation_steps} must be >= 1")
+        if max_sequences is not None and max_sequences < 1:
+            raise ValueError(f"data.max_sequences={max_sequences} must be positive or unset")
         if not datasets:
             raise ValueError("data.datasets is empty; list at least one {dataset_path: ...}")
         self.datasets = [d if isinstance(d, DatasetSource) else DatasetSource(**d) for d in datasets]
@@ -157,72 +164,230 @@ class TextDataModule(pl.LightningDataModule):
             dataset_files(source)  # a path that matches nothing fails now, before anything is written
         self.sequence_len = sequence_len
         self.eval_fraction = eval_fraction
+        self.evals_per_epoch = evals_per_epoch
+        self.eval_gradient_accumulation_steps = eval_gradient_accumulation_steps
+        self.max_sequences = max_sequences
+        self.drop_tails = drop_tails
+        self.mix_datasets = mix_datasets
+        self.sequence_prefix = sequence_prefix
+        self.document_prefix = document_prefix
+        self.document_suffix = document_suffix
+        self.mask_tokens = mask_tokens
+        self.chat_labels = chat_labels
+        self.add_prefix_space = add_prefix_space
+        self.trust_remote_code = trust_remote_code
         self.tokenizer_dir = tokenizer_dir
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "lit-qlp" / "data"
         self.seed = seed
         self.num_workers = num_workers
         self.train_set: SequenceDataset | None = None
         self.eval_set: SequenceDataset | None = None
+        self.cache_path: Path | None = None
         self._train_sampler: ResumableSampler | None = None
         self._resume: dict[str, int] | None = None
 
-    @property
-    def micro_batches(self) -> int:
-        strategy = self.trainer.strategy if self.trainer is not None else None
-        return getattr(strategy, "gradient_accumulation_steps", 1)
+    # ----------------------------------------------------------------- building
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.tokenizer_dir is None:
+            raise ValueError("data.tokenizer_dir is unset; it normally follows model.model_dir")
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=self.trust_remote_code)
+
+    def cache_key(self) -> str:
+        """Hash of everything the cached result depends on: source contents, tokenizer files and options."""
+        sources = [
+            {
+                "files": [[str(p), _sha256_file(p)] for p in dataset_files(s)],
+                "max_tokens": s.max_tokens,
+                "control_class": s.control_class,
+            }
+            for s in self.datasets
+        ]
+        tokenizer = {
+            name: _sha256_file(Path(self.tokenizer_dir) / name)
+            for name in TOKENIZER_FILES
+            if (Path(self.tokenizer_dir) / name).is_file()
+        }
+        options = {
+            k: getattr(self, k)
+            for k in (
+                "sequence_len",
+                "eval_fraction",
+                "max_sequences",
+                "drop_tails",
+                "mix_datasets",
+                "sequence_prefix",
+                "document_prefix",
+                "document_suffix",
+                "mask_tokens",
+                "chat_labels",
+                "add_prefix_space",
+                "trust_remote_code",
+                "seed",
+            )
+        }
+        blob = json.dumps([CACHE_FORMAT, sources, tokenizer, options], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def build(self) -> tuple[Packed, Packed, list[dict[str, Any]]]:
+        """Reads, tokenises, packs, shuffles and splits every dataset; returns train, eval and per-dataset stats."""
+        from tqdm.auto import tqdm
+
+        tokenizer = self.load_tokenizer()
+        encoder = DocumentEncoder(
+            tokenizer,
+            self.document_prefix,
+            self.document_suffix,
+            frozenset(resolve_mask_tokens(tokenizer, self.mask_tokens)),
+            self.chat_labels,
+            self.add_prefix_space,
+        )
+        prefix = resolve_sequence_prefix(tokenizer, self.sequence_prefix)
+        stats, per_dataset = [], []
+        for index, source in enumerate(self.datasets):
+            documents = read_documents(source)
+            random.Random(self.seed + index).shuffle(documents)
+            encoded = []
+            with tqdm(total=len(documents), desc=f"tokenising {source.dataset_path}", unit="doc") as progress:
+                for start in range(0, len(documents), 1000):
+                    encoded += encoder.encode_batch(documents[start : start + 1000])
+                    progress.update(len(documents[start : start + 1000]))
+            encoded, cut = truncate_tokens(encoded, source.max_tokens)
+            if not encoded or not sum(len(d.ids) for d in encoded):
+                raise ValueError(f"data.datasets: dataset_path={source.dataset_path!r} holds no tokens")
+            per_dataset.append((encoded, source.control_class))
+            stats.append(
+                {
+                    "dataset": source.dataset_path,
+                    "documents": len(encoded),
+                    "tokens": int(sum(len(d.ids) for d in encoded)),
+                    "trained_tokens": int(sum(d.trained.sum() for d in encoded)),
+                    "dropped_tokens": int(cut),
+                }
+            )
+        if self.mix_datasets:
+            pairs = [(doc, cls) for docs, cls in per_dataset for doc in docs]
+            random.Random(self.seed).shuffle(pairs)
+            groups = [([d for d, _ in pairs], [c for _, c in pairs])]
+        else:
+            groups = [(docs, [cls] * len(docs)) for docs, cls in per_dataset]
+        packed_groups = [pack(docs, classes, self.sequence_len, prefix, self.drop_tails) for docs, classes in groups]
+        if not self.mix_datasets:
+            for stat, packed in zip(stats, packed_groups):
+                stat["sequences"] = len(packed.input_ids)
+                stat["dropped_tokens"] += packed.dropped_tokens
+        packed = Packed.concatenate(packed_groups, self.sequence_len)
+        if len(packed.input_ids) == 0:
+            raise ValueError(
+                f"data.datasets hold fewer tokens than one sequence of data.sequence_len={self.sequence_len}"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(packed.input_ids))
+        if self.max_sequences is not None:
+            order = order[: self.max_sequences]
+        n = len(order)
+        n_eval = min(n - 1, max(1, round(n * self.eval_fraction))) if self.eval_fraction else 0
+        return packed.take(order[n_eval:]), packed.take(order[:n_eval]), stats
+
+    def _write_cache(self, path: Path) -> None:
+        import datasets as hf_datasets
+        import pyarrow as pa
+
+        train, evaluation, stats = self.build()
+
+        def table(part: Packed):
+            columns = {
+                name: pa.FixedSizeListArray.from_arrays(
+                    pa.array(getattr(part, name).astype(np.int32).ravel()), self.sequence_len
+                )
+                for name in COLUMNS
+            }
+            return hf_datasets.Dataset(pa.table(columns))
+
+        summary = {
+            "datasets": stats,
+            "train_sequences": len(train.input_ids),
+            "eval_sequences": len(evaluation.input_ids),
+            "masked_label_fraction": float((train.labels == -100).mean()) if len(train.labels) else 0.0,
+            "packing_dropped_tokens": int(train.dropped_tokens),
+        }
+        # Write next to the final place, then rename: a crash never leaves a half-written cache behind.
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        splits = hf_datasets.DatasetDict({"train": table(train), "eval": table(evaluation)})
+        # One shard each: an empty evaluation split would otherwise be saved with no shard and fail to load.
+        splits.save_to_disk(str(tmp), num_shards={"train": 1, "eval": 1})
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another node published the same cache first
 
     @override
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
-        from transformers import AutoTokenizer
+        import datasets as hf_datasets
 
         if self.tokenizer_dir is None:
             raise ValueError("data.tokenizer_dir is unset; it normally follows model.model_dir")
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {self.tokenizer_dir} has no EOS token to end documents with")
-        documents = [doc for source in self.datasets for doc in read_documents(source)]
-        random.Random(self.seed).shuffle(documents)
-        tokens = tokenizer(documents, add_special_tokens=False)["input_ids"]
-        eos = tokenizer.eos_token_id
-        tokens = [ids + [eos] if not ids or ids[-1] != eos else ids for ids in tokens]
-        sequences = pack_sequences(tokens, self.sequence_len)
-        if len(sequences) == 0:
-            raise ValueError(
-                f"data.datasets hold {sum(map(len, tokens))} tokens, less than one sequence of "
-                f"data.sequence_len={self.sequence_len}"
+        path = self.cache_dir / self.cache_key()
+        self.cache_path = path
+        trainer = self.trainer
+        ready = (path / "summary.json").is_file
+        if trainer is None or trainer.world_size == 1:
+            if not ready():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._write_cache(path)
+        else:
+            # Global rank 0 builds; on nodes that do not share the cache directory, local rank 0 builds its copy.
+            for builder in (trainer.global_rank == 0, trainer.local_rank == 0):
+                if builder and not ready():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._write_cache(path)
+                trainer.strategy.barrier("lit_qlp data cache")
+        splits = hf_datasets.load_from_disk(str(path))
+        self.train_set = SequenceDataset(splits["train"].with_format("numpy"))
+        self.eval_set = SequenceDataset(splits["eval"].with_format("numpy"))
+        self.report(json.loads((path / "summary.json").read_text()))
+
+    def report(self, summary: dict[str, Any]) -> None:
+        lines = [f"data cache {self.cache_path}"]
+        for s in summary["datasets"]:
+            masked = 1 - s["trained_tokens"] / max(1, s["tokens"])
+            sequences = f", {s['sequences']} sequences" if "sequences" in s else ""
+            lines.append(
+                f"  {s['dataset']}: {s['documents']} documents, {s['tokens']} tokens{sequences}, "
+                f"{masked:.1%} of document tokens without labels, {s['dropped_tokens']} tokens dropped"
             )
-        order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(self.seed))
-        sequences = sequences[order]
-        n_eval = (
-            min(len(sequences) - 1, max(1, round(len(sequences) * self.eval_fraction))) if self.eval_fraction else 0
+        lines.append(
+            f"  {summary['train_sequences']} training and {summary['eval_sequences']} evaluation sequences of "
+            f"{self.sequence_len} tokens; {summary['masked_label_fraction']:.1%} of training labels masked"
         )
-        self.eval_set = SequenceDataset(sequences[:n_eval])
-        self.train_set = SequenceDataset(sequences[n_eval:])
+        rank_zero_info("\n".join(lines))
+
+    # ----------------------------------------------------------------- loading
+    @property
+    def micro_batches(self) -> int:
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        return getattr(strategy, "gradient_accumulation_steps", 1)
 
     def _sampler(self, dataset: Dataset, shuffle: bool) -> ResumableSampler:
         kwargs = self.trainer.strategy.distributed_sampler_kwargs if self.trainer is not None else None
         kwargs = kwargs or {"num_replicas": 1, "rank": 0}
-        return ResumableSampler(dataset, shuffle=shuffle, seed=self.seed, drop_last=shuffle, **kwargs)
+        return ResumableSampler(dataset, shuffle=shuffle, seed=self.seed, drop_last=True, **kwargs)
 
     @override
     def train_dataloader(self) -> DataLoader:
-        self._train_sampler = self._sampler(self.train_set, shuffle=True)
-        if len(self._train_sampler) < self.micro_batches:
+        sampler = self._sampler(self.train_set, shuffle=True)
+        if len(sampler) < self.micro_batches:
             raise ValueError(
-                f"{len(self._train_sampler)} training sequences per data-parallel replica are fewer than "
+                f"{len(sampler)} training sequences per data-parallel replica are fewer than "
                 f"gradient_accumulation_steps={self.micro_batches}; add data or lower it"
             )
-        if self._resume is not None:
-            self._train_sampler.resume_epoch = self._resume["epoch"]
-            self._train_sampler.resume_samples = self._resume["batches"] * self.micro_batches
-            self._resume = None
+        self._train_sampler = sampler
+        self._apply_resume()
         return DataLoader(
-            self.train_set,
-            batch_size=self.micro_batches,
-            sampler=self._train_sampler,
-            drop_last=True,
-            num_workers=self.num_workers,
+            self.train_set, batch_size=self.micro_batches, sampler=sampler, drop_last=True, num_workers=self.num_workers
         )
 
     @override
@@ -231,7 +396,7 @@ class TextDataModule(pl.LightningDataModule):
             return []
         return DataLoader(
             self.eval_set,
-            batch_size=self.micro_batches,
+            batch_size=self.eval_gradient_accumulation_steps or self.micro_batches,
             sampler=self._sampler(self.eval_set, shuffle=False),
             num_workers=self.num_workers,
         )
@@ -250,3 +415,11 @@ class TextDataModule(pl.LightningDataModule):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict) if state_dict else None
+        # The loader may already exist (Lightning builds it early for estimated_stepping_batches); its sampler
+        # reads the position lazily, when the epoch's iteration starts.
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        if self._resume is not None and self._train_sampler is not None:
+            self._train_sampler.resume_epoch = self._resume["epoch"]
+            self._train_sampler.resume_samples = self._resume["batches"] * self.micro_batches

@@ -1,5 +1,9 @@
-"""Loss kernels: token-summed cross-entropy (torch now; Triton and a fused head+loss later)."""
+"""Loss kernels: token-summed cross-entropy, a Triton cross-entropy with fused gradient, and a fused LM head + loss.
+
+Triton is imported only when its implementation runs, so everything here imports on a CPU box.
+"""
 
 from lit_qlp.kernels.cross_entropy import TokenWeightedLoss, cross_entropy_sum
+from lit_qlp.kernels.fused_loss import Implementation, cross_entropy, fused_head_loss
 
-__all__ = ["TokenWeightedLoss", "cross_entropy_sum"]
+__all__ = ["Implementation", "TokenWeightedLoss", "cross_entropy", "cross_entropy_sum", "fused_head_loss"]

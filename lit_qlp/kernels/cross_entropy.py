@@ -22,15 +22,41 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 
 class TokenWeightedLoss:
-    """The pipeline's ``loss_fn``: the summed token loss of one micro-batch divided by ``normalizer``.
+    """The pipeline's ``loss_fn``: one micro-batch's summed token loss divided by ``normalizer``.
 
-    The strategy sets ``normalizer`` before each batch to (label tokens of the whole step across all
-    data-parallel replicas) / (micro-batches × replicas), so that DeepSpeed's mean over micro-batches and
-    replicas is exactly ``sum of token losses / number of label tokens``.
+    The last pipeline layer (``OutputPipe``) binds itself as ``head`` when it is built; the loss then computes the
+    LM head projection and the cross-entropy together, chunk by chunk (``fused_head_loss``), so the
+    [tokens, vocab] logits are never held. The strategy sets ``normalizer`` before each batch to (label tokens of
+    the whole step across all data-parallel replicas) / (micro-batches × replicas), so that DeepSpeed's mean over
+    micro-batches and replicas is exactly ``sum of token losses / number of label tokens``.
+
+    Args:
+        implementation: "auto" (Triton on CUDA when installed, torch otherwise), "triton" or "torch".
+        chunk_size: Tokens per chunk of the fused head+loss; the peak holds chunk_size × vocab logits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, implementation: str = "auto", chunk_size: int = 1024) -> None:
         self.normalizer = 1.0
+        self.implementation = implementation
+        self.chunk_size = chunk_size
+        self.head = None
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(logits, labels) / self.normalizer
+    def bind(self, head) -> None:
+        """Called by the last pipeline layer: ``head.lm_head.weight``, ``logit_scale`` and ``softcap`` are used."""
+        self.head = head
+
+    def __call__(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from lit_qlp.kernels.fused_loss import fused_head_loss
+
+        if self.head is None:
+            raise RuntimeError("TokenWeightedLoss has no head: the pipeline's last layer must be an OutputPipe")
+        loss_sum, _ = fused_head_loss(
+            hidden_states,
+            self.head.lm_head.weight,
+            labels,
+            logit_scale=self.head.logit_scale,
+            softcap=self.head.softcap,
+            chunk_size=self.chunk_size,
+            implementation=self.implementation,
+        )
+        return loss_sum / self.normalizer

@@ -218,23 +218,34 @@ class DecoderLayerPipe(nn.Module):
 
 
 class OutputPipe(nn.Module):
-    """The last pipeline layer: final norm and LM head, with the architecture's logit scale and softcap.
+    """The last pipeline layer: the final norm. The LM head lives here but is applied by the loss.
 
-    Returns the logits; the loss is the pipeline's ``loss_fn``.
+    ``forward`` returns the normalised hidden states; the pipeline's loss (bound here through ``loss.bind``)
+    projects them through ``lm_head`` with the architecture's logit scale and softcap chunk by chunk, fused with
+    the cross-entropy, so the logits are never materialised. ``logits`` gives them explicitly.
+
+    Args:
+        source: The model directory.
+        loss: The pipeline's loss, bound to this head; or None.
     """
 
     hf_prefix = "lm_head"
 
-    def __init__(self, source: ModelSource) -> None:
+    def __init__(self, source: ModelSource, loss=None) -> None:
         super().__init__()
         self.norm = source.materialize("model.norm")
         self.lm_head = source.materialize("lm_head")
         self.logit_scale = source.quirks.logit_scale
         self.softcap = source.quirks.final_logit_softcapping
+        if loss is not None:
+            loss.bind(self)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x = StageTensors(*inputs)
-        logits = self.lm_head(self.norm(x.hidden_states))
+        return self.norm(StageTensors(*inputs).hidden_states)
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The logits of normalised hidden states (materialised: for tests and inspection)."""
+        logits = self.lm_head(hidden_states)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap is not None:
