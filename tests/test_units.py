@@ -12,7 +12,8 @@ from torch import nn
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
 from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets, parse_layer_ranges
-from lit_qlp.kernels.cross_entropy import IGNORE_INDEX, TokenWeightedLoss, cross_entropy_sum
+from lit_qlp.kernels import cross_entropy
+from lit_qlp.kernels.cross_entropy import IGNORE_INDEX, TokenWeightedLoss
 from lit_qlp.strategies.partition import (
     check_partition_method,
     partition_balanced,
@@ -387,26 +388,26 @@ def random_logits_labels(shape, vocab, ignore_fraction, seed):
 def test_cross_entropy_sum_matches_torch(shape, ignore_fraction):
     logits, labels = random_logits_labels(shape, 11, ignore_fraction, seed=len(shape))
     expected = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), reduction="sum", ignore_index=-100)
-    torch.testing.assert_close(cross_entropy_sum(logits, labels), expected)
+    torch.testing.assert_close(cross_entropy(logits, labels), expected)
     by_hand = -torch.log_softmax(logits, -1).reshape(-1, 11)
     keep = labels.reshape(-1) != -100
     hand = by_hand[keep].gather(1, labels.reshape(-1)[keep].unsqueeze(1)).sum()
-    torch.testing.assert_close(cross_entropy_sum(logits, labels), hand)
+    torch.testing.assert_close(cross_entropy(logits, labels), hand)
 
 
 def test_cross_entropy_sum_rows_fully_ignored():
     logits, labels = random_logits_labels((3, 6), 9, 0.2, seed=5)
     labels[1] = IGNORE_INDEX  # a whole row without labels
     expected = F.cross_entropy(logits.reshape(-1, 9), labels.reshape(-1), reduction="sum", ignore_index=-100)
-    torch.testing.assert_close(cross_entropy_sum(logits, labels), expected)
+    torch.testing.assert_close(cross_entropy(logits, labels), expected)
     all_ignored = torch.full_like(labels, IGNORE_INDEX)
-    assert cross_entropy_sum(logits, all_ignored).item() == 0.0
+    assert cross_entropy(logits, all_ignored).item() == 0.0
 
 
 def test_cross_entropy_sum_low_precision_in_float32():
     logits, labels = random_logits_labels((2, 8), 13, 0.2, seed=9)
     low = logits.to(torch.bfloat16)
-    result = cross_entropy_sum(low, labels)
+    result = cross_entropy(low, labels)
     assert result.dtype == torch.float32
     expected = F.cross_entropy(low.float().reshape(-1, 13), labels.reshape(-1), reduction="sum", ignore_index=-100)
     torch.testing.assert_close(result, expected)
@@ -416,7 +417,7 @@ def test_cross_entropy_sum_gradient_matches_torch():
     logits, labels = random_logits_labels((2, 5), 7, 0.3, seed=2)
     a = logits.clone().requires_grad_()
     b = logits.clone().requires_grad_()
-    cross_entropy_sum(a, labels).backward()
+    cross_entropy(a, labels).backward()
     F.cross_entropy(b.reshape(-1, 7), labels.reshape(-1), reduction="sum", ignore_index=-100).backward()
     torch.testing.assert_close(a.grad, b.grad)
 
