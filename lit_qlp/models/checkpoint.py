@@ -85,13 +85,6 @@ class CheckpointReader:
             self._handles[file] = safe_open(self.model_dir / file, framework="pt")
         return self._handles[file].get_tensor(key)
 
-    def __contains__(self, name: str) -> bool:
-        try:
-            self._sources(name)
-        except KeyError:
-            return False
-        return True
-
     def _sources(self, name: str) -> tuple[tuple[str, ...], bool]:
         """The checkpoint keys that make up the module tensor ``name``, and whether they are per-expert pieces.
 
