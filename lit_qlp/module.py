@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -11,13 +13,30 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
-from lit_qlp.adapters.lora import LoraAdapter, lora_tensors, peft_adapter_config, save_peft_adapter
+from lit_qlp.adapters.lora import (
+    LoraAdapter,
+    LoraLinear,
+    composite_decay_,
+    lora_tensors,
+    peft_adapter_config,
+    save_peft_adapter,
+)
 from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets, parse_layer_ranges
 from lit_qlp.data.text import TOKENIZER_FILES
 from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.kernels.cross_entropy import IGNORE_INDEX
-from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe, stage_weights
+from lit_qlp.models.pipeline import (
+    DecoderLayerPipe,
+    EmbeddingPipe,
+    ModelSource,
+    OutputPipe,
+    stage_weights,
+    tied_head,
+)
+from lit_qlp.models.quantize import Quantization, check_bitsandbytes
 from lit_qlp.strategies.pipeline import PipelineSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Copied beside exported weights so that the export loads on its own.
 EXPORTED_FILES = (*TOKENIZER_FILES, "generation_config.json")
@@ -33,16 +52,34 @@ class CausalLMModule(pl.LightningModule):
 
     Args:
         model_dir: Hugging Face model directory (config.json, safetensors weights, tokenizer files).
-        mode: What trains. "lora": low-rank adapters on frozen weights.
-        dtype: Dtype of the model's weights and activations ("float32" for CPU runs and exactness tests).
+        mode: What trains, one choice:
+            "lora": low-rank adapters on the frozen base weights (in ``dtype``);
+            "qlora": the same with the decoder layers' linear weights frozen in bitsandbytes 4-bit (quantised as
+            each stage loads them; embeddings and LM head stay in ``dtype``);
+            "full": the weights themselves (in ``dtype``, bf16 by default, updated by optimi Adam with Kahan
+            summation instead of a float32 master copy), restricted by ``target_modules`` and
+            ``layers_to_transform``; each epoch's export is a Hugging Face model directory.
+        dtype: Dtype of the model's weights and activations ("float32" for CPU runs and exactness tests); for
+            "qlora" also the dtype the 4-bit weights are dequantised to for each matmul.
         attn_implementation: "sdpa" or "eager"; architectures without SDPA support fall back to "eager".
         lora_rank: LoRA rank r. alpha is fixed to r (scale 1): tune ``lr`` instead of alpha.
         lora_dropout: Dropout on the LoRA input.
-        target_modules: Linear layers that get LoRA: "all-linear" (every linear layer of the decoder layers) or
-            names such as ``[q_proj, v_proj]``.
-        layers_to_transform: Decoder layers that get adapters, e.g. "0:31", "0:10,20:25,30" or "1,3,5"
-            (inclusive ranges); all layers when unset.
+        target_modules: What trains. For "lora"/"qlora", the linear layers that get adapters: "all-linear" (every
+            linear layer of the decoder layers, the default) or names such as ``[q_proj, v_proj]``. For "full",
+            the modules whose weights train: unset trains everything (embeddings, decoder layers, final norm,
+            head), "all-linear" the decoder layers' linear layers, or names such as ``[self_attn, mlp, lm_head]``
+            (a name selects every module at or below a module of that name). With tied embeddings,
+            ``embed_tokens`` and ``lm_head`` are one matrix: naming either trains it.
+        layers_to_transform: Decoder layers that get adapters (or, for "full", whose weights train), e.g. "0:31",
+            "0:10,20:25,30" or "1,3,5" (inclusive ranges); all layers when unset.
         lora_weight_dtype: Dtype of the LoRA weights (and of their optimizer state).
+        lora_weight_decay: Composite weight decay λ of each LoRA pair, applied after every optimizer step as a
+            gradient step on ½‖BA‖²_F (``A -= lr·λ·BᵀBA``, ``B -= lr·λ·BAAᵀ``), which shrinks the update ``BA``
+            itself rather than A and B separately. Needs float32 LoRA weights; not for "full".
+        quant_type: "qlora": the 4-bit format, "nf4" (default) or "fp4".
+        double_quant: "qlora": also quantise the per-block scales (saves about 0.4 bits per weight).
+        embeddings_on_cpu: "lora"/"qlora": keep the frozen embedding matrix in CPU memory (saves vocab × hidden
+            × 2 bytes of GPU memory on the first stage, 1 GiB for Llama-3-8B; costs a small copy per step).
         lr: Learning rate of the optimizer (optimi Adam).
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon.
@@ -56,14 +93,18 @@ class CausalLMModule(pl.LightningModule):
     def __init__(
         self,
         model_dir: Path,
-        mode: Literal["lora"] = "lora",
+        mode: Literal["lora", "qlora", "full"] = "lora",
         dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
         lora_rank: int = 64,
         lora_dropout: float = 0.0,
-        target_modules: str | list[str] = ALL_LINEAR,
+        target_modules: str | list[str] | None = None,
         layers_to_transform: str | None = None,
         lora_weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        lora_weight_decay: float = 0.0,
+        quant_type: Literal["nf4", "fp4"] = "nf4",
+        double_quant: bool = True,
+        embeddings_on_cpu: bool = False,
         lr: float = 2e-5,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-6,
@@ -84,21 +125,60 @@ class CausalLMModule(pl.LightningModule):
             raise ValueError(f"model.lora_dropout={lora_dropout} must be in [0, 1)")
         if lr <= 0:
             raise ValueError(f"model.lr={lr} must be positive")
+        if lora_weight_decay < 0:
+            raise ValueError(f"model.lora_weight_decay={lora_weight_decay} must be >= 0")
+        if mode == "full" and lora_weight_decay:
+            raise ValueError(
+                f"model.lora_weight_decay={lora_weight_decay} applies to LoRA pairs, and model.mode=full trains no "
+                "LoRA; remove model.lora_weight_decay or use model.mode=lora/qlora"
+            )
+        if lora_weight_decay and lora_weight_dtype != "float32":
+            raise ValueError(
+                f"model.lora_weight_decay needs float32 LoRA weights, but model.lora_weight_dtype={lora_weight_dtype!r}"
+                "; set model.lora_weight_dtype=float32"
+            )
+        if mode == "full" and embeddings_on_cpu:
+            raise ValueError(
+                "model.embeddings_on_cpu keeps frozen embeddings on the CPU, but model.mode=full may train them; "
+                "remove model.embeddings_on_cpu or use model.mode=lora/qlora"
+            )
+        quantization = None
+        if mode == "qlora":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise RuntimeError(
+                    f"model.mode=qlora needs bitsandbytes, which failed to import ({error}); "
+                    "install it with `pip install bitsandbytes` or use model.mode=lora"
+                ) from error
+            quantization = Quantization(quant_type, double_quant, _DTYPES[dtype])
         self.mode = mode
         self.lora_rank = lora_rank
         self.lora_dropout = lora_dropout
         self.target_modules = target_modules
         self.layers_to_transform = layers_to_transform
         self.lora_weight_dtype = lora_weight_dtype
+        self.lora_weight_decay = lora_weight_decay
+        self.embeddings_on_cpu = embeddings_on_cpu
         self.lr = lr
         self.betas = tuple(betas)
         self.eps = eps
-        self.source = ModelSource(self.model_dir, dtype, attn_implementation, trust_remote_code=trust_remote_code)
+        self.source = ModelSource(
+            self.model_dir, dtype, attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization
+        )
         num_layers = self.source.quirks.num_layers
         self.adapter_layers = parse_layer_ranges(layers_to_transform, num_layers, key="model.layers_to_transform")
-        decoder_linears = linear_names(self.source.submodule("model.layers.0"))
-        check_targets(decoder_linears, target_modules, f"{self.model_dir.name}'s decoder layers")
-        self.targeted = [n.rsplit(".", 1)[-1] for n in match_targets(decoder_linears, target_modules)]
+        if mode == "full":
+            trained = full_trainable_parameters(self.source.skeleton, target_modules, self.adapter_layers)
+            self.source.trainable = trained.__contains__
+            self.tied_training = self.source.quirks.tie_word_embeddings and "model.embed_tokens.weight" in trained
+            self.targeted = []
+        else:
+            targets = ALL_LINEAR if target_modules is None else target_modules
+            decoder_linears = linear_names(self.source.submodule("model.layers.0"))
+            check_targets(decoder_linears, targets, f"{self.model_dir.name}'s decoder layers")
+            self.targeted = [n.rsplit(".", 1)[-1] for n in match_targets(decoder_linears, targets)]
+            self.tied_training = False
         if loss_chunk_size < 1:
             raise ValueError(f"model.loss_chunk_size={loss_chunk_size} must be a positive number of tokens")
         self.loss_fn = TokenWeightedLoss(loss_implementation, loss_chunk_size)
@@ -109,24 +189,47 @@ class CausalLMModule(pl.LightningModule):
     # ----------------------------------------------------------------- model
     def pipeline_spec(self, device: torch.device) -> PipelineSpec:
         """The pipeline layers of this model: embedding, decoder layers (with adapters), norm + head."""
-        from deepspeed.pipe import LayerSpec
+        from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
         self.source.device = torch.device(device)
-        adapter = LoraAdapter(
-            rank=self.lora_rank,
-            alpha=self.lora_rank,
-            dropout=self.lora_dropout,
-            target_modules=self.target_modules,
-            layers=self.adapter_layers,
-            dtype=getattr(torch, self.lora_weight_dtype),
-            seed=torch.initial_seed(),
-        )
-        layers = [LayerSpec(EmbeddingPipe, self.source)]
-        layers += [LayerSpec(DecoderLayerPipe, self.source, i, adapter) for i in range(self.source.quirks.num_layers)]
-        layers.append(LayerSpec(OutputPipe, self.source, self.loss_fn))
+        adapter = None
+        if self.mode != "full":
+            adapter = LoraAdapter(
+                rank=self.lora_rank,
+                alpha=self.lora_rank,
+                dropout=self.lora_dropout,
+                target_modules=self.targeted,
+                layers=self.adapter_layers,
+                dtype=getattr(torch, self.lora_weight_dtype),
+                seed=torch.initial_seed(),
+            )
+        counts = stage_weights(self.source)
+        num_layers = self.source.quirks.num_layers
+        decoders = [LayerSpec(DecoderLayerPipe, self.source, i, adapter) for i in range(num_layers)]
+        if self.tied_training:
+            # One embedding matrix, trained, on the first and the last stage: DeepSpeed keeps the copies equal.
+            weight = "embed_tokens.weight"
+            layers = [
+                TiedLayerSpec("embeddings", EmbeddingPipe, self.source, self.loss_fn, tied_weight_attr=weight),
+                *decoders,
+                LayerSpec(OutputPipe, self.source, self.loss_fn, tied=True),
+                TiedLayerSpec(
+                    "embeddings",
+                    EmbeddingPipe,
+                    self.source,
+                    self.loss_fn,
+                    forward_fn=tied_head,
+                    tied_weight_attr=weight,
+                ),
+            ]
+            norm = float(self.source.num_parameters("model.norm"))
+            counts = [*counts[:-1], norm, counts[0]]
+        else:
+            embedding = LayerSpec(EmbeddingPipe, self.source, on_cpu=self.embeddings_on_cpu)
+            layers = [embedding, *decoders, LayerSpec(OutputPipe, self.source, self.loss_fn)]
         return PipelineSpec(
             layers=layers,
-            parameter_counts=stage_weights(self.source),
+            parameter_counts=counts,
             loss_fn=self.loss_fn,
             checkpointable_layers=[DecoderLayerPipe.__name__],
         )
@@ -165,8 +268,13 @@ class CausalLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         items, num_tokens = self.micro_batches(batch)
         result = self.trainer.strategy.train_batch(items, num_tokens)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        if self.lora_weight_decay:
+            for module in self.pipe.modules():
+                if isinstance(module, LoraLinear):
+                    composite_decay_(module, lr, self.lora_weight_decay)
         self.log("train/loss", result.loss, prog_bar=True, rank_zero_only=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], rank_zero_only=True)
+        self.log("train/lr", lr, rank_zero_only=True)
         return result.loss
 
     @override
@@ -187,13 +295,66 @@ class CausalLMModule(pl.LightningModule):
             loss = self._eval_loss_sum / self._eval_tokens
             self.log("eval/loss", loss, prog_bar=True, sync_dist=True)  # equal on all ranks already
 
+    def check_device(self, device: torch.device) -> None:
+        """Called by the strategy before anything is written: fails early when the device cannot run this mode."""
+        if self.mode == "qlora":
+            check_bitsandbytes(device)
+
     # ----------------------------------------------------------------- export
     def export(self, directory: Path) -> None:
+        """Writes what trained into ``directory``, with the tokenizer files.
+
+        LoRA/QLoRA: a PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``). Full fine-tuning: a
+        Hugging Face model directory (``config.json``, sharded safetensors with an index), loadable with
+        ``AutoModelForCausalLM.from_pretrained``.
+
+        Collective: every rank must call it.
+        """
+        if self.mode == "full":
+            self.export_model(directory)
+        else:
+            self.export_adapter(directory)
+
+    def export_model(self, directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Writes the whole model in Hugging Face format; each stage writes its own shards, rank 0 the index."""
+        strategy = self.trainer.strategy
+        tensors: dict[str, torch.Tensor] = {}
+        if strategy.data_parallel_rank == 0:  # data-parallel replicas hold the same weights
+            for layer in self.pipe.forward_funcs:
+                if isinstance(layer, torch.nn.Module):
+                    tensors.update(layer.hf_tensors())
+        if self.source.quirks.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)  # tied checkpoints hold the matrix once, as the embedding
+        shards = plan_shards(tensors, max_shard_bytes)
+        plans = strategy.all_gather_object((strategy.stage_id, [[(n, nbytes(tensors[n])) for n in s] for s in shards]))
+        plans = sorted((p for p in plans if p[1]), key=lambda p: p[0])
+        total = sum(len(p[1]) for p in plans)
+        file_names = {}
+        index = 0
+        for stage, stage_shards in plans:
+            for names in stage_shards:
+                index += 1
+                name = "model.safetensors" if total == 1 else f"model-{index:05d}-of-{total:05d}.safetensors"
+                file_names.update({tensor_name: name for tensor_name, _ in names})
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for names in shards:
+            save_shard(directory / file_names[names[0]], {n: tensors[n] for n in names})
+        if strategy.is_global_zero:
+            if total > 1:
+                size = sum(b for _, stage_shards in plans for names in stage_shards for _, b in names)
+                index_json = {"metadata": {"total_size": size}, "weight_map": dict(sorted(file_names.items()))}
+                (directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+            shutil.copy2(self.model_dir / "config.json", directory / "config.json")
+            copy_tokenizer_files(self.model_dir, directory)
+        strategy.barrier("export_model")
+
+    def export_adapter(self, directory: Path) -> None:
         """Writes the trained adapter in PEFT format plus the tokenizer files into ``directory``.
 
         Collective: every rank must call it; stages send their tensors to global rank 0, which writes.
         """
-        local_layers = list(self.pipe.forward_funcs) if self.pipe is not None else []
+        local_layers = [f for f in self.pipe.forward_funcs if isinstance(f, torch.nn.Module)] if self.pipe else []
         gathered = self.trainer.strategy.gather_from_stages(lora_tensors(local_layers))
         if gathered is None:
             return
@@ -217,6 +378,75 @@ class CausalLMModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The weights travel in the strategy's DeepSpeed checkpoint files, not in Lightning's state_dict.
         checkpoint.pop("state_dict", None)
+
+
+def full_trainable_parameters(
+    skeleton: torch.nn.Module, target_modules: str | list[str] | None, layers: list[int]
+) -> set[str]:
+    """The HF parameter names that full fine-tuning trains (see ``CausalLMModule``'s ``target_modules``).
+
+    Raises:
+        ValueError: naming each ``target_modules`` entry that selects nothing, or when nothing would train.
+    """
+    modules = dict(skeleton.named_modules(remove_duplicate=False))
+    names = [n for n, _ in skeleton.named_parameters(remove_duplicate=False)]
+    targets = [target_modules] if isinstance(target_modules, str) else target_modules
+
+    def layer_of(name: str) -> int | None:
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        return int(match.group(1)) if match else None
+
+    def selected(name: str, entries: list[str]) -> bool:
+        module = name.rpartition(".")[0]
+        if ALL_LINEAR in entries and layer_of(name) is not None and isinstance(modules[module], torch.nn.Linear):
+            return True
+        parts = module.split(".")
+        ancestors = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(a == t or a.endswith("." + t) for a in ancestors for t in entries if t != ALL_LINEAR)
+
+    if targets is not None:
+        unmatched = [t for t in targets if not any(selected(n, [t]) for n in names)]
+        if unmatched:
+            leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if m and not m.rsplit(".", 1)[-1].isdigit()})
+            raise ValueError(
+                f"model.target_modules entries {unmatched} match no module of the model; its modules are {leaves} "
+                f"(or use '{ALL_LINEAR}', or leave target_modules unset to train everything)"
+            )
+    chosen = {
+        n for n in names if (layer_of(n) is None or layer_of(n) in layers) and (targets is None or selected(n, targets))
+    }
+    tied = {"model.embed_tokens.weight", "lm_head.weight"}
+    if getattr(skeleton.config, "tie_word_embeddings", False) and chosen & tied:
+        chosen |= tied & set(names)
+    if not chosen:
+        raise ValueError(
+            f"model.target_modules={target_modules!r} with model.layers_to_transform selects no parameter; "
+            "nothing would train"
+        )
+    return chosen
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Groups tensor names, in order, into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = []
+    size = 0
+    for name, tensor in tensors.items():
+        if not shards or (size + nbytes(tensor) > max_bytes and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes(tensor)
+    return shards
+
+
+def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def copy_tokenizer_files(model_dir: Path, directory: Path) -> None:

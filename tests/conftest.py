@@ -33,3 +33,11 @@ def tiny_model(tmp_path_factory):
         return cache[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A jsonl corpus of short documents with a learnable pattern (see ``tests.test_training.write_corpus``)."""
+    from tests.test_training import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.jsonl")

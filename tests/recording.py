@@ -25,3 +25,15 @@ class RecordBatches(pl.Callback):
         record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "rows": rows}
         with (Path(trainer.default_root_dir) / f"batches.rank{trainer.global_rank}.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class RecordTiedWeights(pl.Callback):
+    """At the end of training, saves this rank's copy of the tied embedding matrix (full fine-tuning of a model
+    with tied embeddings) to ``<default_root_dir>/tied.rank{R}.pt``."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import torch
+
+        weight = pl_module.pipe.tied_modules["embeddings"].embed_tokens.weight
+        assert weight.is_leaf and weight.requires_grad
+        torch.save(weight.detach().cpu(), Path(trainer.default_root_dir) / f"tied.rank{trainer.global_rank}.pt")

@@ -50,3 +50,47 @@ def test_lora_training_on_gpu_through_the_cli(tiny_model, tmp_path):
     )
     losses = scalars(root, "train/loss")
     assert len(losses) == 8 and losses[max(losses)] < losses[min(losses)]
+
+
+def test_qlora_training_with_offloaded_activations_on_gpu_through_the_cli(tiny_model, tmp_path):
+    """QLoRA on CUDA: the offloaded checkpointing gives the losses of the plain one; the loss falls."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    losses = {}
+    for offload in ("false", "true"):
+        root = tmp_path / f"offload-{offload}"
+        run_cli(
+            fit_args(tiny_model("llama"), corpus, root, "--trainer.accelerator=gpu", "--trainer.devices=1")
+            + ["--model.dtype=bfloat16", "--model.mode=qlora", "--trainer.max_steps=6"]
+            + [f"--trainer.strategy.activation_offload={offload}", f"--model.embeddings_on_cpu={offload}"],
+            ROOT,
+        )
+        losses[offload] = scalars(root, "train/loss")
+    assert len(losses["true"]) == 6 and losses["true"][5] < losses["true"][0]
+    for step, loss in losses["false"].items():
+        torch.testing.assert_close(losses["true"][step], loss, msg=lambda m: f"step {step}: {m}")
+
+
+def test_offloaded_checkpoint_gradients_on_gpu(tiny_model):
+    from lit_qlp.adapters.lora import LoraAdapter
+    from lit_qlp.strategies.offload import offloaded_checkpoint
+
+    source = ModelSource(tiny_model("llama"), dtype="bfloat16", device="cuda")
+    adapter = LoraAdapter(4, 4, 0.1, "all-linear", [0], torch.float32, seed=0)
+    layer = DecoderLayerPipe(source, 0, adapter)
+    for p in layer.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    hidden = torch.randn(1, 64, 32, device="cuda", dtype=torch.bfloat16)
+    inputs = (hidden, torch.arange(64, device="cuda").unsqueeze(0), torch.zeros(1, 64, dtype=torch.long, device="cuda"))
+    grads = []
+    for checkpoint in (
+        lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False),
+        offloaded_checkpoint,
+    ):
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        out = checkpoint(lambda *x: layer(x), *inputs)  # as PipelineModule calls it: the tuple unpacked
+        out[0].float().square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
+    for plain, offloaded in zip(*grads):
+        torch.testing.assert_close(offloaded, plain)

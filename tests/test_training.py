@@ -69,11 +69,6 @@ def fit_args(model_dir: Path, corpus: Path, root: Path, *extra: str) -> list[str
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.jsonl")
-
-
-@pytest.fixture(scope="module")
 def reference_run(tiny_model, corpus, tmp_path_factory) -> Path:
     """One uninterrupted single-process run of 8 steps, checkpointing every 3."""
     root = tmp_path_factory.mktemp("reference")

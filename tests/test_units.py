@@ -448,3 +448,65 @@ def test_token_weighted_loss_is_the_fused_head_loss_divided_by_normalizer():
     loss_fn.normalizer = float((labels != -100).sum())
     mean = F.cross_entropy((hidden @ weight.T).reshape(-1, 10), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(loss_fn(hidden, labels), mean)
+
+
+def test_composite_decay_is_a_gradient_step_on_half_the_squared_norm_of_ba():
+    from lit_qlp.adapters.lora import LoraLinear, composite_decay_
+
+    lora = LoraLinear(nn.Linear(7, 5, bias=False), rank=3, alpha=3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lora.lora_B.weight.normal_(generator=torch.Generator().manual_seed(1))
+    a = lora.lora_A.weight.detach().clone().requires_grad_()
+    b = lora.lora_B.weight.detach().clone().requires_grad_()
+    (0.5 * (b @ a).square().sum()).backward()
+    lr, decay = 0.05, 0.3
+    expected_a, expected_b = a - lr * decay * a.grad, b - lr * decay * b.grad
+    norm_before = torch.linalg.matrix_norm(lora.lora_B.weight @ lora.lora_A.weight)
+    composite_decay_(lora, lr, decay)
+    torch.testing.assert_close(lora.lora_A.weight, expected_a.detach())
+    torch.testing.assert_close(lora.lora_B.weight, expected_b.detach())
+    assert torch.linalg.matrix_norm(lora.lora_B.weight @ lora.lora_A.weight) < norm_before
+
+
+def test_lora_weight_decay_needs_float32_lora_weights(tiny_model):
+    from lit_qlp.module import CausalLMModule
+
+    with pytest.raises(ValueError, match=r"lora_weight_decay needs float32 .*lora_weight_dtype='bfloat16'"):
+        CausalLMModule(tiny_model("llama"), lora_weight_decay=0.1, lora_weight_dtype="bfloat16")
+
+
+def _offload_layer():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.3), nn.Tanh(), nn.Linear(6, 6))
+
+
+@pytest.mark.parametrize("input_requires_grad", [True, False])
+def test_offloaded_checkpoint_gives_the_gradients_of_the_plain_forward(input_requires_grad):
+    """Same outputs and gradients (dropout replayed), also when the input does not require grad (stage 0)."""
+    from lit_qlp.strategies.offload import offloaded_checkpoint
+
+    def run(layer, x, positions):
+        return layer(x), positions
+
+    grads = []
+    for checkpointed in (False, True):
+        layer = _offload_layer()
+        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1)).requires_grad_(input_requires_grad)
+        positions = torch.arange(3)
+        torch.manual_seed(7)
+        if checkpointed:
+            out, passed = offloaded_checkpoint(lambda *a: run(layer, *a), x, positions)
+        else:
+            out, passed = run(layer, x, positions)
+        assert torch.equal(passed, positions)
+        (out * torch.arange(6.0)).sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()] + ([x.grad.clone()] if input_requires_grad else []))
+    for plain, offloaded in zip(*grads):
+        torch.testing.assert_close(offloaded, plain)
+
+
+def test_activation_offload_needs_activation_checkpointing():
+    from lit_qlp.strategies import PipelineStrategy
+
+    with pytest.raises(ValueError, match="activation_offload=True .*activation_checkpointing=True"):
+        PipelineStrategy(activation_checkpointing=False, activation_offload=True)

@@ -35,6 +35,8 @@ def _configs() -> dict:
 
     return {
         "llama": LlamaConfig(**COMMON),
+        # Tied embeddings with a tokenizer that AutoTokenizer loads as saved (for qwen2 it substitutes its own class).
+        "llama_tied": LlamaConfig(**COMMON, tie_word_embeddings=True),
         # A window shorter than the test sequences, so the sliding-window mask matters.
         "mistral": MistralConfig(**COMMON, sliding_window=8),
         "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True),

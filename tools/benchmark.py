@@ -1,24 +1,39 @@
 """Training-step benchmark: lit_qlp's real training path against Hugging Face transformers + PEFT, in one run.
 
-    python tools/benchmark.py --shape llama3-8b --seq 4096 --modes lit-lora,hf-lora
-    python tools/benchmark.py --shape tiny --seq 128 --device cpu          # a smoke run anywhere
+    python tools/benchmark.py --shape llama3-8b --seq 4096 --modes lit-qlora,hf-qlora,hf-qlora-kbit
+    python tools/benchmark.py --shape llama3-8b --modes lit-lora,hf-lora
+    python tools/benchmark.py --shape llama-1b --modes lit-full,hf-full
+    python tools/benchmark.py --shape tiny --seq 128 --device cpu --modes lit-lora,hf-lora   # a smoke run anywhere
 
 Builds a model of the given shape with random weights (throughput and memory do not depend on the values) and
-saves it to ``--model-dir``, then runs each mode in a fresh process so that peak memory is its own:
+saves it to ``--model-dir``, then runs each mode in a fresh process so that peak memory is its own.
 
-- ``lit-lora``: lit_qlp through Lightning's Trainer and PipelineStrategy (one process, one stage), bf16 base,
-  LoRA on all linear layers, activation checkpointing, ``--micro-batches`` sequences per optimizer step.
-- ``hf-lora``: transformers + PEFT LoRA (alpha = r), non-reentrant activation checkpointing, AdamW, one optimizer
-  step per sequence: the usual recipe.
+lit_qlp modes (Trainer + CausalLMModule + PipelineStrategy, one process, one stage, ``--micro-batches`` sequences
+per optimizer step, activation checkpointing unless the mode says otherwise):
+
+- ``lit-lora``: bf16 base, LoRA on all linear layers.
+- ``lit-qlora``: nf4 base with double quantisation, bf16 compute, LoRA on all linear layers.
+- ``lit-qlora-offload``: the same with the checkpointed layer inputs in CPU memory and the embedding on the CPU.
+- ``lit-qlora-no-ckpt``: QLoRA without activation checkpointing (what checkpointing saves and costs).
+- ``lit-full``: full fine-tuning, bf16 weights, optimi Adam with Kahan summation.
+
+Hugging Face baselines (one optimizer step per sequence, non-reentrant activation checkpointing, AdamW, SDPA):
+
+- ``hf-lora``: PEFT LoRA (alpha = r) on a bf16 base.
+- ``hf-qlora``: PEFT LoRA on an nf4 double-quantised base with bf16 compute, without the float32 upcast of
+  ``prepare_model_for_kbit_training`` (the fastest QLoRA of ../shared/gpu/README.md).
+- ``hf-qlora-kbit``: the usual recipe, with ``prepare_model_for_kbit_training``.
+- ``hf-full``: all weights in bf16, torch AdamW.
 
 Prints one table: mode, seq, tokens/s (median step after warm-up), peak GPU memory
-(``torch.cuda.max_memory_allocated``), ratio to the HF baseline, and the fraction of the physical limit
-(6 × linear parameters FLOP per token against the measured bf16 matmul rate).
+(``torch.cuda.max_memory_allocated``), ratio to the HF baseline of the same kind, and the fraction of the physical
+limit (6 × linear parameters FLOP per token against the measured bf16 matmul rate).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -40,6 +55,18 @@ SHAPES = {
         max_position_embeddings=8192,
         rope_theta=500000.0,
         tie_word_embeddings=False,
+    ),
+    # Llama-3.2-1B: tied embeddings.
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
     ),
     "tiny": dict(
         hidden_size=64,
@@ -111,22 +138,39 @@ def peak_memory(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else float("nan")
 
 
-def run_hf_lora(args) -> dict:
-    """transformers + PEFT LoRA, one optimizer step per sequence; median step time after warm-up."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def run_hf(args, mode: str) -> dict:
+    """transformers (+ PEFT), one optimizer step per sequence; median step time after warm-up."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = args.device
+    kwargs = {}
+    if mode.startswith("hf-qlora"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device
+        args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device, **kwargs
     )
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, in which transformers skips activation checkpointing
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model = get_peft_model(
-        model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules="all-linear")
-    )
+    if mode == "hf-qlora-kbit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if mode != "hf-full":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules="all-linear")
+        )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     vocab = model.config.vocab_size
     times = []
@@ -143,7 +187,16 @@ def run_hf_lora(args) -> dict:
     return {"tokens_per_s": args.seq / step, "peak_gib": peak_memory(device)}
 
 
-def run_lit_lora(args) -> dict:
+LIT_MODES = {
+    "lit-lora": dict(mode="lora"),
+    "lit-qlora": dict(mode="qlora"),
+    "lit-qlora-offload": dict(mode="qlora", activation_offload=True, embeddings_on_cpu=True),
+    "lit-qlora-no-ckpt": dict(mode="qlora", activation_checkpointing=False),
+    "lit-full": dict(mode="full"),
+}
+
+
+def run_lit(args, mode: str) -> dict:
     """lit_qlp's real path: Trainer + CausalLMModule + PipelineStrategy on synthetic token batches."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -170,14 +223,16 @@ def run_lit_lora(args) -> dict:
             rows = [{"input_ids": r, "labels": r} for r in ids]
             return DataLoader(rows, batch_size=args.micro_batches)
 
-    module = CausalLMModule(args.model_dir, dtype="bfloat16", lora_rank=args.rank, lr=1e-5)
+    options = dict(LIT_MODES[mode])
+    strategy_options = {k: options.pop(k) for k in ("activation_checkpointing", "activation_offload") if k in options}
+    module = CausalLMModule(args.model_dir, dtype="bfloat16", lora_rank=args.rank, lr=1e-5, **options)
     vocab = module.source.config.vocab_size
     steps = args.warmup + args.steps
     total = steps * args.micro_batches
     trainer = pl.Trainer(
         accelerator="cpu" if device == "cpu" else "gpu",
         devices=1,
-        strategy=PipelineStrategy(gradient_accumulation_steps=args.micro_batches),
+        strategy=PipelineStrategy(gradient_accumulation_steps=args.micro_batches, **strategy_options),
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -192,8 +247,18 @@ def run_lit_lora(args) -> dict:
     return {"tokens_per_s": args.micro_batches * args.seq / step, "peak_gib": peak_memory(device)}
 
 
-RUNNERS = {"lit-lora": run_lit_lora, "hf-lora": run_hf_lora}
-BASELINE = {"lit-lora": "hf-lora"}
+RUNNERS = {
+    **{mode: functools.partial(run_lit, mode=mode) for mode in LIT_MODES},
+    **{mode: functools.partial(run_hf, mode=mode) for mode in ("hf-lora", "hf-qlora", "hf-qlora-kbit", "hf-full")},
+}
+BASELINE = {
+    "lit-lora": "hf-lora",
+    "lit-qlora": "hf-qlora",
+    "lit-qlora-offload": "hf-qlora",
+    "lit-qlora-no-ckpt": "hf-qlora",
+    "hf-qlora-kbit": "hf-qlora",
+    "lit-full": "hf-full",
+}
 
 
 def main() -> None:
@@ -205,7 +270,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=8, help="lit_qlp sequences per optimizer step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--modes", default="lit-lora,hf-lora")
+    parser.add_argument("--modes", default="lit-qlora,hf-qlora")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
@@ -229,9 +294,13 @@ def main() -> None:
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            print(proc.stdout[-4000:], proc.stderr[-8000:], file=sys.stderr)
-            raise SystemExit(f"benchmark mode {mode} failed (exit {proc.returncode})")
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            print(f"benchmark mode {mode} failed (exit {proc.returncode})", file=sys.stderr)
+            last = proc.stderr.strip().splitlines()[-1:] or ["?"]
+            results[mode] = {"error": last[0][:200]}
+            continue
         results[mode] = json.loads(lines[-1][len("RESULT ") :])
+        print(f"{mode}: {results[mode]}", flush=True)
 
     print(
         f"\nshape {args.shape}, seq {args.seq}, LoRA r={args.rank}, matmul {flops / 1e12:.0f} TFLOP/s, "
@@ -240,7 +309,11 @@ def main() -> None:
     print("| mode | seq | tokens/s | peak GPU memory (GiB) | vs baseline | of physical limit |")
     print("| --- | --- | --- | --- | --- | --- |")
     for mode, r in results.items():
+        if "error" in r:
+            print(f"| {mode} | {args.seq} | failed: {r['error']} | | | |")
+            continue
         base = results.get(BASELINE.get(mode, ""))
+        base = base if base and "error" not in base else None
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "baseline"
         print(
             f"| {mode} | {args.seq} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} | "

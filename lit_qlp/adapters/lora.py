@@ -60,6 +60,20 @@ class LoraLinear(nn.Module):
         return out + (update * self.scaling).to(out.dtype)
 
 
+@torch.no_grad()
+def composite_decay_(lora: LoraLinear, lr: float, weight_decay: float) -> None:
+    """One gradient step of ``weight_decay · ½‖BA‖²_F`` on ``A`` and ``B``, in place (float32 weights).
+
+    With ``W = BA``: ``∂/∂A = BᵀW`` and ``∂/∂B = WAᵀ``; both gradients are taken before either factor moves.
+    """
+    a, b = lora.lora_A.weight, lora.lora_B.weight
+    product = b @ a
+    grad_a = b.T @ product
+    grad_b = product @ a.T
+    a.sub_(grad_a, alpha=lr * weight_decay)
+    b.sub_(grad_b, alpha=lr * weight_decay)
+
+
 class LoraAdapter:
     """Adds ``LoraLinear`` to the targeted linear layers of the selected decoder layers.
 
@@ -158,4 +172,12 @@ def save_peft_adapter(directory: Path, tensors: dict[str, torch.Tensor], config:
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-__all__ = ["ALL_LINEAR", "LoraAdapter", "LoraLinear", "lora_tensors", "peft_adapter_config", "save_peft_adapter"]
+__all__ = [
+    "ALL_LINEAR",
+    "LoraAdapter",
+    "LoraLinear",
+    "composite_decay_",
+    "lora_tensors",
+    "peft_adapter_config",
+    "save_peft_adapter",
+]

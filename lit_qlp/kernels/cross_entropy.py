@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 IGNORE_INDEX = -100
@@ -26,10 +28,23 @@ class TokenWeightedLoss:
         self.implementation = implementation
         self.chunk_size = chunk_size
         self.head = None
+        self.tied_weight: Callable[[], torch.Tensor] | None = None
 
     def bind(self, head) -> None:
         """Called by the last pipeline layer: ``head.lm_head.weight``, ``logit_scale`` and ``softcap`` are used."""
         self.head = head
+
+    def tie(self, weight: Callable[[], torch.Tensor]) -> None:
+        """Makes ``weight()`` (the embedding matrix, for trainable tied embeddings) the head's weight."""
+        self.tied_weight = weight
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight: the tied embedding matrix if one was tied, else ``head.lm_head.weight``."""
+        if self.tied_weight is not None:
+            return self.tied_weight()
+        if self.head is None:
+            raise RuntimeError("TokenWeightedLoss has no head: the pipeline's last layer must be an OutputPipe")
+        return self.head.lm_head.weight
 
     def __call__(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from lit_qlp.kernels.fused_loss import fused_head_loss
@@ -38,7 +53,7 @@ class TokenWeightedLoss:
             raise RuntimeError("TokenWeightedLoss has no head: the pipeline's last layer must be an OutputPipe")
         loss_sum, _ = fused_head_loss(
             hidden_states,
-            self.head.lm_head.weight,
+            self.head_weight(),
             labels,
             logit_scale=self.head.logit_scale,
             softcap=self.head.softcap,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lit_qlp.models.checkpoint import CheckpointReader
+from lit_qlp.models.quantize import Quantization, quantize_linears
 
 
 class StageTensors(NamedTuple):
@@ -93,6 +94,9 @@ class ModelSource:
             to eager, which with no mask applies no causal mask.
         device: Where the layers are materialised.
         trust_remote_code: Passed to ``AutoConfig``.
+        quantization: Store the decoder layers' linear weights in 4-bit (QLoRA), quantised as each layer loads.
+        trainable: ``trainable(hf_parameter_name)`` says which loaded parameters train (full fine-tuning); all
+            are frozen when None.
     """
 
     def __init__(
@@ -102,12 +106,16 @@ class ModelSource:
         attn_implementation: str = "sdpa",
         device: torch.device | str = "cpu",
         trust_remote_code: bool = False,
+        quantization: Quantization | None = None,
+        trainable: Callable[[str], bool] | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
         self.dtype = _dtype(dtype)
         self.device = torch.device(device)
+        self.quantization = quantization
+        self.trainable = trainable
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
         self.quirks = ModelQuirks.from_config(self.config)
         model_class = AutoModelForCausalLM._model_mapping[type(self.config)]
@@ -127,14 +135,18 @@ class ModelSource:
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for p in self.submodule(name).parameters())
 
-    def materialize(self, name: str) -> nn.Module:
-        """Detaches submodule ``name`` from the skeleton and fills it with the checkpoint's tensors on ``device``.
+    def materialize(self, name: str, device: torch.device | str | None = None) -> nn.Module:
+        """Detaches submodule ``name`` from the skeleton and fills it with the checkpoint's tensors.
 
         Non-persistent buffers (Gemma's embedding scale, for example) are not in the checkpoint; the model's own
-        ``_init_weights`` recomputes them.
+        ``_init_weights`` recomputes them. Parameters are frozen unless ``trainable`` selects them.
+
+        Args:
+            name: The submodule's name in the HF model (``model.layers.3``).
+            device: Where to put it; ``self.device`` by default.
         """
         module = self.submodule(name)
-        module.to_empty(device=self.device)
+        module.to_empty(device=self.device if device is None else device)
         for sub in module.modules():
             if any(b not in sub.state_dict() for b, _ in sub.named_buffers(recurse=False)):
                 with torch.no_grad():
@@ -148,7 +160,8 @@ class ModelSource:
                         f"checkpoint but {tuple(tensor.shape)} in the model built from config.json"
                     )
                 tensor.copy_(source)
-        module.requires_grad_(False)
+        for param_name, param in module.named_parameters():
+            param.requires_grad_(self.trainable is not None and self.trainable(f"{name}.{param_name}"))
         return module
 
     def rotary_embedding(self) -> nn.Module:
@@ -161,17 +174,50 @@ LayerAdapter = Callable[[nn.Module, int, str], None]
 
 
 class EmbeddingPipe(nn.Module):
-    """Pipeline layer 0: token ids to hidden states (including any embedding scale of the architecture)."""
+    """Pipeline layer 0: token ids to hidden states (including any embedding scale of the architecture).
+
+    With trainable tied embeddings this module is also the LM head: DeepSpeed's ``TiedLayerSpec`` builds it on
+    the first and the last stage, keeps the copies equal and sums their gradients, and the last stage's copy
+    gives the loss its weight (``loss.tie``).
+
+    Args:
+        source: The model directory.
+        loss: The pipeline's loss, to tie the head weight to this embedding matrix; or None.
+        on_cpu: Keep the (frozen) embedding matrix in CPU memory, outside the module's parameters so that the
+            engine does not move it; the looked-up rows are copied to the device.
+    """
 
     hf_prefix = "model.embed_tokens"
 
-    def __init__(self, source: ModelSource) -> None:
+    def __init__(self, source: ModelSource, loss=None, on_cpu: bool = False) -> None:
         super().__init__()
-        self.embed_tokens = source.materialize(self.hf_prefix)
+        self.device = source.device
+        embed_tokens = source.materialize(self.hf_prefix, device="cpu" if on_cpu else None)
+        if on_cpu:
+            if any(p.requires_grad for p in embed_tokens.parameters()):
+                raise ValueError("model.embeddings_on_cpu needs frozen embeddings (mode lora or qlora)")
+            self._cpu_embedding = (embed_tokens,)  # a tuple hides it from nn.Module's registry and .to()
+        else:
+            self.embed_tokens = embed_tokens
+        if loss is not None:
+            loss.tie(lambda: self.embed_tokens.weight)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         input_ids, position_ids, control_classes = inputs
-        return StageTensors(self.embed_tokens(input_ids), position_ids, control_classes).pack()
+        if hasattr(self, "_cpu_embedding"):
+            hidden_states = self._cpu_embedding[0](input_ids.cpu()).to(self.device, non_blocking=True)
+        else:
+            hidden_states = self.embed_tokens(input_ids)
+        return StageTensors(hidden_states, position_ids, control_classes).pack()
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's weights under their names in the HF model."""
+        return hf_names(self.state_dict(), {"embed_tokens": self.hf_prefix})
+
+
+def tied_head(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The last pipeline layer of a model with trainable tied embeddings: the loss applies the embedding matrix."""
+    return hidden_states
 
 
 class DecoderLayerPipe(nn.Module):
@@ -190,6 +236,8 @@ class DecoderLayerPipe(nn.Module):
         self.config = source.config
         self.attention_type = source.quirks.layer_types[index]
         self.layer = source.materialize(self.hf_prefix)
+        if source.quantization is not None:
+            quantize_linears(self.layer, source.quantization)
         self.rotary_emb = source.rotary_embedding()
         if adapter is not None:
             adapter(self.layer, index, self.hf_prefix)
@@ -216,6 +264,10 @@ class DecoderLayerPipe(nn.Module):
         )
         return x._replace(hidden_states=hidden_states).pack()
 
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's weights under their names in the HF model."""
+        return hf_names(self.state_dict(), {"layer": self.hf_prefix})
+
 
 class OutputPipe(nn.Module):
     """The last pipeline layer: the final norm. The LM head lives here but is applied by the loss.
@@ -227,14 +279,18 @@ class OutputPipe(nn.Module):
     Args:
         source: The model directory.
         loss: The pipeline's loss, bound to this head; or None.
+        tied: The head is the (trainable) embedding matrix, held by a tied ``EmbeddingPipe`` after this layer;
+            this layer then holds only the norm.
     """
 
     hf_prefix = "lm_head"
 
-    def __init__(self, source: ModelSource, loss=None) -> None:
+    def __init__(self, source: ModelSource, loss=None, tied: bool = False) -> None:
         super().__init__()
         self.norm = source.materialize("model.norm")
-        self.lm_head = source.materialize("lm_head")
+        if not tied:
+            self.lm_head = source.materialize("lm_head")
+        self.loss = loss
         self.logit_scale = source.quirks.logit_scale
         self.softcap = source.quirks.final_logit_softcapping
         if loss is not None:
@@ -245,12 +301,31 @@ class OutputPipe(nn.Module):
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The logits of normalised hidden states (materialised: for tests and inspection)."""
-        logits = self.lm_head(hidden_states)
+        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.loss.head_weight()
+        logits = hidden_states @ weight.to(hidden_states.dtype).T
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's weights under their names in the HF model."""
+        return hf_names(self.state_dict(), {"norm": "model.norm", "lm_head": "lm_head"})
+
+
+def hf_names(state_dict: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Renames a pipeline layer's state dict to HF names: the first name component maps through ``prefixes``.
+
+    Entries under other children (the rotary embedding's buffers) are not part of the HF checkpoint and are left
+    out.
+    """
+    out = {}
+    for name, tensor in state_dict.items():
+        child, _, rest = name.partition(".")
+        if child in prefixes:
+            out[f"{prefixes[child]}.{rest}"] = tensor
+    return out
 
 
 def stage_weights(source: ModelSource) -> list[float]:
@@ -271,5 +346,7 @@ __all__ = [
     "ModelSource",
     "OutputPipe",
     "StageTensors",
+    "hf_names",
     "stage_weights",
+    "tied_head",
 ]

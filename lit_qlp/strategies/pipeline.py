@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lit_qlp.strategies.deepspeed_patches import skip_cpu_shm_comm_build
 from lit_qlp.strategies.environment import DeepSpeedLauncherEnvironment
+from lit_qlp.strategies.offload import offloaded_checkpoint
 from lit_qlp.strategies.partition import check_partition_method, partition_layers
 
 
@@ -91,7 +92,10 @@ class PipelineStrategy(DDPStrategy):
             the gradient all-reduce crosses nodes. By default (DeepSpeed's layout) ranks ``0..D-1`` are stage 0 of
             every replica: the all-reduce stays inside a node and activations cross nodes.
         activation_checkpointing: Recompute each decoder layer in the backward pass instead of keeping its
-            activations (non-reentrant torch checkpointing).
+            activations (non-reentrant torch checkpointing); only each layer's input stays in memory.
+        activation_offload: With activation checkpointing, keep those layer inputs in pinned CPU memory (copied
+            on a side stream during the forward pass, back before the layer's recomputation) instead of GPU
+            memory: saves seq × hidden × 2 bytes per decoder layer (1 GiB at seq 4096 for Llama-3-8B).
         timeout: Timeout of collective operations.
         accelerator: Set by the Trainer.
         parallel_devices: Set by the Trainer.
@@ -112,6 +116,7 @@ class PipelineStrategy(DDPStrategy):
         partition_method: str = "parameters",
         use_column_major_topology: bool = False,
         activation_checkpointing: bool = True,
+        activation_offload: bool = False,
         timeout: timedelta | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -137,6 +142,11 @@ class PipelineStrategy(DDPStrategy):
             raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be at least 1")
         if gradient_clipping < 0:
             raise ValueError(f"gradient_clipping={gradient_clipping} must be >= 0 (0 disables clipping)")
+        if activation_offload and not activation_checkpointing:
+            raise ValueError(
+                "activation_offload=True offloads the inputs that activation checkpointing keeps; "
+                "set activation_checkpointing=True as well"
+            )
         check_partition_method(partition_method)
         self.pipeline_stages = pipeline_stages
         self.gradient_accumulation_steps = gradient_accumulation_steps
@@ -144,6 +154,7 @@ class PipelineStrategy(DDPStrategy):
         self.partition_method = partition_method
         self.use_column_major_topology = use_column_major_topology
         self.activation_checkpointing = activation_checkpointing
+        self.activation_offload = activation_offload
         self.topology = None
         self.engine = None
 
@@ -185,6 +196,9 @@ class PipelineStrategy(DDPStrategy):
                 "set trainer.strategy.gradient_clipping instead"
             )
         super().setup_environment()
+        check_device = getattr(self.lightning_module, "check_device", None)
+        if check_device is not None:
+            check_device(self.root_device)
 
     @override
     def setup_distributed(self) -> None:
@@ -237,7 +251,9 @@ class PipelineStrategy(DDPStrategy):
                 topology=self.topology,
                 loss_fn=spec.loss_fn,
                 activation_checkpoint_interval=1 if self.activation_checkpointing else 0,
-                activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
+                activation_checkpoint_func=offloaded_checkpoint
+                if self.activation_offload
+                else partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
                 checkpointable_layers=spec.checkpointable_layers,
             )
         module.pipe = pipe
@@ -259,6 +275,9 @@ class PipelineStrategy(DDPStrategy):
             optimizer = self.optimizers[0]
         with _default_dtype(torch.float32):
             self.engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=config)
+        # DeepSpeed's own clipping measures each stage's gradients alone (its "model parallel" group is the tensor
+        # slice group); clip by the norm of the whole model instead.
+        self.engine.clip_fp32_gradients = self.clip_gradients
         stage_layers = ", ".join(f"{parts[s]}-{parts[s + 1] - 1}" for s in range(self.pipeline_stages))
         rank_zero_info(
             f"PipelineStrategy: {self.pipeline_stages} stage(s) × {self.data_parallel_size} data-parallel, "
@@ -318,6 +337,30 @@ class PipelineStrategy(DDPStrategy):
         self.engine.reset_activation_shape()
         return BatchResult(loss, num_tokens)
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Scales this stage's gradients so that the whole model's gradient norm is at most ``gradient_clipping``.
+
+        Runs inside the engine's optimizer step, after the data-parallel and tied-weight gradient reductions. The
+        squared norms of all stages are summed over the pipeline group; a tied weight counts once (its copies on
+        later stages are marked ``ds_pipe_replicated``). Returns the global norm before clipping.
+        """
+        grads = [
+            p.grad
+            for p in self.engine.module.parameters()
+            if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+        ]
+        squares = torch.zeros((), device=self.root_device, dtype=torch.float32)
+        for grad in grads:
+            squares += grad.detach().float().square().sum()
+        if self.pipeline_stages > 1:
+            torch.distributed.all_reduce(squares, group=self.engine.grid.get_pipe_parallel_group())
+        norm = squares.sqrt()
+        coefficient = (self.gradient_clipping / (norm + 1e-6)).clamp(max=1.0)
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coefficient.to(p.grad.dtype))
+        return norm
+
     def gather_from_stages(self, obj: Any) -> list[Any] | None:
         """Collects ``obj`` from every stage of data-parallel replica 0 onto global rank 0.
 
@@ -331,6 +374,14 @@ class PipelineStrategy(DDPStrategy):
         if received is None:
             return None
         return [o for _, o in sorted((p for p in received if p is not None), key=lambda p: p[0])]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in global rank order, on every rank (collective)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any):
@@ -413,5 +464,19 @@ def _pipeline_module_class() -> type:
             self.parts = list(self._given_parts)
             stage_id = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+        def _synchronize_tied_weights(self) -> None:
+            # DeepSpeed broadcasts the trainable tied weights in place; outside no_grad that records the broadcast
+            # in autograd and the backward pass warns about it.
+            with torch.no_grad():
+                super()._synchronize_tied_weights()
+
+        def _get_frozen_parameter_names(self, layer: Any) -> list[str]:
+            # What checkpoints leave out with exclude_frozen_parameters: everything in the layer's state dict but
+            # its trainable parameters, so also the statistics bitsandbytes keeps beside 4-bit weights.
+            if not isinstance(layer, nn.Module):
+                return []
+            trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+            return [n for n in layer.state_dict() if n not in trainable]
 
     return StagePartitionedPipelineModule

@@ -1,0 +1,88 @@
+"""Activation checkpointing whose saved layer inputs live in CPU memory until the backward pass needs them."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a CUDA tensor, made on a side stream into pinned memory so that compute does not wait."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    stream = _copy_stream(tensor.device)
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)  # its memory is not reused before the copy has read it
+    return host
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Runs ``function(*inputs)`` without keeping activations; keeps floating CUDA inputs on the host.
+
+    The backward pass copies the inputs back, recomputes the function with gradients and back-propagates through
+    it. ``anchor`` is an empty tensor that requires grad, so that the backward runs even when no input requires
+    grad (the first stage, whose embedding output is frozen) and the parameters inside still get gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, function, anchor, *inputs):
+        ctx.function = function
+        ctx.devices = [x.device if isinstance(x, torch.Tensor) else None for x in inputs]
+        ctx.grad_inputs = [isinstance(x, torch.Tensor) and x.requires_grad for x in inputs]
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = {d: torch.cuda.get_rng_state(d) for d in set(ctx.devices) if d is not None and d.type == "cuda"}
+        ctx.saved = [
+            _to_host(x) if isinstance(x, torch.Tensor) and x.is_cuda and x.is_floating_point() else x for x in inputs
+        ]
+        with torch.no_grad():
+            outputs = function(*inputs)
+        single = isinstance(outputs, torch.Tensor)
+        ctx.single = single
+        outputs = (outputs,) if single else tuple(outputs)
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        return outputs[0] if single else outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.cuda_rng:
+            torch.cuda.current_stream().wait_stream(_copy_stream(next(iter(ctx.cuda_rng))))
+        inputs = []
+        for saved, device, needs_grad in zip(ctx.saved, ctx.devices, ctx.grad_inputs):
+            if isinstance(saved, torch.Tensor):
+                saved = saved.to(device, non_blocking=True).detach().requires_grad_(needs_grad)
+            inputs.append(saved)
+        with torch.random.fork_rng(devices=list(ctx.cuda_rng)):
+            torch.set_rng_state(ctx.cpu_rng)
+            for device, state in ctx.cuda_rng.items():
+                torch.cuda.set_rng_state(state, device)
+            with torch.enable_grad():
+                outputs = ctx.function(*inputs)
+        outputs = (outputs,) if ctx.single else tuple(outputs)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.saved = None
+        input_grads = [
+            x.grad if isinstance(x, torch.Tensor) and needs else None for x, needs in zip(inputs, ctx.grad_inputs)
+        ]
+        return (None, None, *input_grads)
+
+
+def offloaded_checkpoint(function, *inputs):
+    """Activation checkpoint of ``function(*inputs)`` that keeps its floating CUDA inputs in pinned host memory.
+
+    A drop-in ``activation_checkpoint_func`` for DeepSpeed's PipelineModule. On CPU tensors it is a plain
+    recomputing checkpoint (nothing to offload).
+    """
+    anchor = torch.empty(0, requires_grad=True)
+    return _OffloadedCheckpoint.apply(function, anchor, *inputs)
+
+
+__all__ = ["offloaded_checkpoint"]
