@@ -26,6 +26,11 @@ def evals_to_interval(evals_per_epoch: int) -> float:
     return 1.0 / evals_per_epoch
 
 
+def splits_class_zero(mode: str) -> bool:
+    """``data.split_class_zero`` for ``model.mode``: Control Adapters train class-0 documents as +1 or -1."""
+    return mode == "control"
+
+
 class LitQLPCLI(LightningCLI):
     """LightningCLI with lit-qlp's defaults.
 
@@ -35,7 +40,7 @@ class LitQLPCLI(LightningCLI):
       ``last`` link, so that ``--ckpt_path last`` resumes.
     - ``export``: EpochExport, the adapter of each epoch in ``<root>/epoch{N}``.
     - ``data.tokenizer_dir`` follows ``model.model_dir``; ``trainer.val_check_interval`` follows
-      ``data.evals_per_epoch``.
+      ``data.evals_per_epoch``; ``data.split_class_zero`` follows ``model.mode`` (true for "control").
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -48,6 +53,7 @@ class LitQLPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_dir", "data.tokenizer_dir")
         parser.link_arguments("data.evals_per_epoch", "trainer.val_check_interval", compute_fn=evals_to_interval)
+        parser.link_arguments("model.mode", "data.split_class_zero", compute_fn=splits_class_zero)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

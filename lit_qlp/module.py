@@ -13,6 +13,13 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
+from lit_qlp.adapters.control import (
+    ControlAdapter,
+    ControlAdapterLayer,
+    control_adapter_config,
+    control_tensors,
+    regularize_,
+)
 from lit_qlp.adapters.lora import (
     LoraAdapter,
     LoraLinear,
@@ -58,12 +65,14 @@ class CausalLMModule(pl.LightningModule):
             each stage loads them; embeddings and LM head stay in ``dtype``);
             "full": the weights themselves (in ``dtype``, bf16 by default, updated by optimi Adam with Kahan
             summation instead of a float32 master copy), restricted by ``target_modules`` and
-            ``layers_to_transform``; each epoch's export is a Hugging Face model directory.
+            ``layers_to_transform``; each epoch's export is a Hugging Face model directory;
+            "control": Control Adapters (rank ``lora_rank``) after the decoder layers of ``layers_to_transform``,
+            steered by the datasets' ``control_class``.
         dtype: Dtype of the model's weights and activations ("float32" for CPU runs and exactness tests); for
             "qlora" also the dtype the 4-bit weights are dequantised to for each matmul.
         attn_implementation: "sdpa" or "eager"; architectures without SDPA support fall back to "eager".
-        lora_rank: LoRA rank r. alpha is fixed to r (scale 1): tune ``lr`` instead of alpha.
-        lora_dropout: Dropout on the LoRA input.
+        lora_rank: LoRA (or Control Adapter) rank r. alpha is fixed to r (scale 1): tune ``lr`` instead of alpha.
+        lora_dropout: Dropout on the LoRA input (Control Adapters: on the layer's residual update).
         target_modules: What trains. For "lora"/"qlora", the linear layers that get adapters: "all-linear" (every
             linear layer of the decoder layers, the default) or names such as ``[q_proj, v_proj]``. For "full",
             the modules whose weights train: unset trains everything (embeddings, decoder layers, final norm,
@@ -72,10 +81,13 @@ class CausalLMModule(pl.LightningModule):
             ``embed_tokens`` and ``lm_head`` are one matrix: naming either trains it.
         layers_to_transform: Decoder layers that get adapters (or, for "full", whose weights train), e.g. "0:31",
             "0:10,20:25,30" or "1,3,5" (inclusive ranges); all layers when unset.
-        lora_weight_dtype: Dtype of the LoRA weights (and of their optimizer state).
+        lora_weight_dtype: Dtype of the LoRA (or Control Adapter) weights and of their optimizer state.
         lora_weight_decay: Composite weight decay λ of each LoRA pair, applied after every optimizer step as a
             gradient step on ½‖BA‖²_F (``A -= lr·λ·BᵀBA``, ``B -= lr·λ·BAAᵀ``), which shrinks the update ``BA``
-            itself rather than A and B separately. Needs float32 LoRA weights; not for "full".
+            itself rather than A and B separately; for "control", ``S -= lr·λ·S``. Needs float32 adapter
+            weights; not for "full".
+        control_adapter_gamma: "control": after every optimizer step ``Q ← Q - γ Q (QᵀQ - I)`` pulls Q back to
+            orthonormal columns; γ in (0, 0.5].
         quant_type: "qlora": the 4-bit format, "nf4" (default) or "fp4".
         double_quant: "qlora": also quantise the per-block scales (saves about 0.4 bits per weight).
         embeddings_on_cpu: "lora"/"qlora": keep the frozen embedding matrix in CPU memory (saves vocab × hidden
@@ -93,7 +105,7 @@ class CausalLMModule(pl.LightningModule):
     def __init__(
         self,
         model_dir: Path,
-        mode: Literal["lora", "qlora", "full"] = "lora",
+        mode: Literal["lora", "qlora", "full", "control"] = "lora",
         dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
         lora_rank: int = 64,
@@ -102,6 +114,7 @@ class CausalLMModule(pl.LightningModule):
         layers_to_transform: str | None = None,
         lora_weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lora_weight_decay: float = 0.0,
+        control_adapter_gamma: float = 0.5,
         quant_type: Literal["nf4", "fp4"] = "nf4",
         double_quant: bool = True,
         embeddings_on_cpu: bool = False,
@@ -132,6 +145,8 @@ class CausalLMModule(pl.LightningModule):
                 f"model.lora_weight_decay={lora_weight_decay} applies to LoRA pairs, and model.mode=full trains no "
                 "LoRA; remove model.lora_weight_decay or use model.mode=lora/qlora"
             )
+        if not 0 < control_adapter_gamma <= 0.5:
+            raise ValueError(f"model.control_adapter_gamma={control_adapter_gamma} must be in (0, 0.5]")
         if lora_weight_decay and lora_weight_dtype != "float32":
             raise ValueError(
                 f"model.lora_weight_decay needs float32 LoRA weights, but model.lora_weight_dtype={lora_weight_dtype!r}"
@@ -159,6 +174,7 @@ class CausalLMModule(pl.LightningModule):
         self.layers_to_transform = layers_to_transform
         self.lora_weight_dtype = lora_weight_dtype
         self.lora_weight_decay = lora_weight_decay
+        self.control_adapter_gamma = control_adapter_gamma
         self.embeddings_on_cpu = embeddings_on_cpu
         self.lr = lr
         self.betas = tuple(betas)
@@ -168,7 +184,15 @@ class CausalLMModule(pl.LightningModule):
         )
         num_layers = self.source.quirks.num_layers
         self.adapter_layers = parse_layer_ranges(layers_to_transform, num_layers, key="model.layers_to_transform")
-        if mode == "full":
+        if mode == "control":
+            if lora_rank > self.source.config.hidden_size:
+                raise ValueError(
+                    f"model.lora_rank={lora_rank} exceeds the hidden size {self.source.config.hidden_size}: a "
+                    "Control Adapter's Q has orthonormal columns, at most hidden_size of them"
+                )
+            self.targeted = []
+            self.tied_training = False
+        elif mode == "full":
             trained = full_trainable_parameters(self.source.skeleton, target_modules, self.adapter_layers)
             self.source.trainable = trained.__contains__
             self.tied_training = self.source.quirks.tie_word_embeddings and "model.embed_tokens.weight" in trained
@@ -193,7 +217,16 @@ class CausalLMModule(pl.LightningModule):
 
         self.source.device = torch.device(device)
         adapter = None
-        if self.mode != "full":
+        if self.mode == "control":
+            adapter = ControlAdapter(
+                rank=self.lora_rank,
+                dropout=self.lora_dropout,
+                layers=self.adapter_layers,
+                hidden_size=self.source.config.hidden_size,
+                dtype=getattr(torch, self.lora_weight_dtype),
+                seed=torch.initial_seed(),
+            )
+        elif self.mode != "full":
             adapter = LoraAdapter(
                 rank=self.lora_rank,
                 alpha=self.lora_rank,
@@ -269,13 +302,32 @@ class CausalLMModule(pl.LightningModule):
         items, num_tokens = self.micro_batches(batch)
         result = self.trainer.strategy.train_batch(items, num_tokens)
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        if self.lora_weight_decay:
+        if self.mode == "control":
+            self.regularize_control_adapters(lr)
+        elif self.lora_weight_decay:
             for module in self.pipe.modules():
                 if isinstance(module, LoraLinear):
                     composite_decay_(module, lr, self.lora_weight_decay)
         self.log("train/loss", result.loss, prog_bar=True, rank_zero_only=True)
         self.log("train/lr", lr, rank_zero_only=True)
         return result.loss
+
+    def regularize_control_adapters(self, lr: float) -> None:
+        """The post-step regulariser of every Control Adapter, with its metrics reduced over all stages."""
+        stats = {}
+        for layer in self.pipe.forward_funcs:
+            if isinstance(getattr(layer, "layer", None), ControlAdapterLayer):
+                stats[layer.index] = regularize_(layer.layer, self.control_adapter_gamma, lr, self.lora_weight_decay)
+        merged: dict[int, dict[str, float]] = {}
+        for part in self.trainer.strategy.all_gather_object(stats):
+            merged.update(part)  # data-parallel replicas report the same layers with the same values
+        names = ["norm", "orthogonality"] + (["weight_decay"] if self.lora_weight_decay else [])
+        for name in names:
+            values = [m[name] for m in merged.values()]
+            prefix = "train/norms" if name == "norm" else f"train/{name}"
+            self.log(f"{prefix}_avg", sum(values) / len(values), rank_zero_only=True)
+            self.log(f"{prefix}_min", min(values), rank_zero_only=True)
+            self.log(f"{prefix}_max", max(values), rank_zero_only=True)
 
     @override
     def on_validation_epoch_start(self) -> None:
@@ -296,9 +348,18 @@ class CausalLMModule(pl.LightningModule):
             self.log("eval/loss", loss, prog_bar=True, sync_dist=True)  # equal on all ranks already
 
     def check_device(self, device: torch.device) -> None:
-        """Called by the strategy before anything is written: fails early when the device cannot run this mode."""
+        """Called by the strategy before anything is written: fails early when the device or the data cannot run
+        this mode."""
         if self.mode == "qlora":
             check_bitsandbytes(device)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.mode != "control" and datamodule is not None:
+            steered = [s.dataset_path for s in getattr(datamodule, "datasets", []) if s.control_class]
+            if steered:
+                raise ValueError(
+                    f"data.datasets {steered} set control_class, which only Control Adapters use, but "
+                    f"model.mode={self.mode}; set model.mode=control or remove control_class"
+                )
 
     # ----------------------------------------------------------------- export
     def export(self, directory: Path) -> None:
@@ -312,8 +373,23 @@ class CausalLMModule(pl.LightningModule):
         """
         if self.mode == "full":
             self.export_model(directory)
+        elif self.mode == "control":
+            self.export_control_adapter(directory)
         else:
             self.export_adapter(directory)
+
+    def export_control_adapter(self, directory: Path) -> None:
+        """Writes ``adapter_model.safetensors`` (``...layers.{i}.control_Q`` / ``control_S``), the config and the
+        tokenizer files into ``directory``. Collective."""
+        gathered = self.trainer.strategy.gather_from_stages(control_tensors(self.pipe.forward_funcs))
+        if gathered is None:
+            return
+        tensors = {k: v for part in gathered for k, v in part.items()}
+        config = control_adapter_config(
+            str(self.model_dir), self.lora_rank, self.lora_dropout, self.adapter_layers, self.control_adapter_gamma
+        )
+        save_peft_adapter(directory, tensors, config)
+        copy_tokenizer_files(self.model_dir, directory)
 
     def export_model(self, directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Writes the whole model in Hugging Face format; each stage writes its own shards, rank 0 the index."""

@@ -443,12 +443,29 @@ def test_mask_tokens(tmp_path, tiny_tok, mask_tokens, trained):
 
 @pytest.mark.parametrize("control_class", [-1, 0, 1])
 def test_control_class(tmp_path, tiny_tok, control_class):
+    import hashlib
+
     source = texts(tmp_path / "d.jsonl", DOC, 16, control_class=control_class)
-    train, _, _ = build(tmp_path, tiny_tok, [source], mask_tokens=EOS)
+    train, _, _ = build(tmp_path, tiny_tok, [source], mask_tokens=EOS, split_class_zero=True)
     ids = (DOC_IDS * 16)[:CONTENT]
+    if control_class == 0:  # class 0: the sign from a hash of the document's tokens (identical documents here)
+        digest = hashlib.blake2b(np.asarray(DOC_IDS, dtype=np.int64).tobytes(), digest_size=8).digest()
+        control_class = 1 if digest[0] & 1 else -1
     expected = row([BOS], ids, [t != EOS for t in ids], control_class)
     assert rows(train) == [expected]
     assert expected[2][:5] == (0, control_class, control_class, control_class, 0)  # BOS, w1 w2 w3, masked EOS
+
+
+def test_class_zero_documents_get_both_signs_about_half_each_deterministically():
+    from lit_qlp.data.text import document_classes
+    from lit_qlp.data.tokenize import Encoded
+
+    rng = np.random.default_rng(0)
+    documents = [Encoded(rng.integers(0, 1000, 20), np.ones(20, bool)) for _ in range(400)]
+    classes = document_classes(documents, 0)
+    assert set(classes) == {-1, 1} and 160 < classes.count(1) < 240
+    assert document_classes(documents[::-1], 0) == classes[::-1]  # a document's sign is its own
+    assert document_classes(documents, -1) == [-1] * 400
 
 
 def test_drop_tails_short_documents(tmp_path, tiny_tok):

@@ -77,7 +77,8 @@ def composite_decay_(lora: LoraLinear, lr: float, weight_decay: float) -> None:
 class LoraAdapter:
     """Adds ``LoraLinear`` to the targeted linear layers of the selected decoder layers.
 
-    Called as ``adapter(layer, layer_index, prefix)`` by each decoder pipeline layer as it is built.
+    Called as ``adapter(layer, layer_index, prefix)`` by each decoder pipeline layer as it is built; returns the
+    layer (modified in place).
 
     Args:
         rank: LoRA rank r.
@@ -107,15 +108,16 @@ class LoraAdapter:
         self.dtype = dtype
         self.seed = seed
 
-    def __call__(self, layer: nn.Module, index: int, prefix: str) -> None:
+    def __call__(self, layer: nn.Module, index: int, prefix: str) -> nn.Module:
         if index not in self.layers:
-            return
+            return layer
         generator = torch.Generator().manual_seed((self.seed * 100_003 + index) % 2**63)
         for name in match_targets(linear_names(layer), self.target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name)
             lora = LoraLinear(getattr(parent, child), self.rank, self.alpha, self.dropout, self.dtype, generator)
             setattr(parent, child, lora)
+        return layer
 
 
 def lora_tensors(layers: Iterable[nn.Module]) -> dict[str, torch.Tensor]:

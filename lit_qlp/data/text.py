@@ -71,6 +71,17 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
 
+def document_classes(documents: list, control_class: int) -> list[int]:
+    """Control class of each document: the dataset's, or for class 0 +1 or -1 from a hash of the document's tokens.
+
+    Control Adapters train both directions from unlabelled data this way; about half the documents get each sign,
+    and a document keeps its sign whatever else is in the dataset.
+    """
+    if control_class:
+        return [control_class] * len(documents)
+    return [1 if hashlib.blake2b(d.ids.tobytes(), digest_size=8).digest()[0] & 1 else -1 for d in documents]
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -116,6 +127,8 @@ class TextDataModule(pl.LightningDataModule):
         add_prefix_space: Put a space before each text document (and chat) before tokenising, for BPE tokenizers
             that tokenise a leading word differently.
         trust_remote_code: Allow custom tokenizer code from ``tokenizer_dir``.
+        split_class_zero: Give each document of a class-0 dataset class +1 or -1 from a hash of its tokens (about
+            half each), as Control Adapters train; set by the CLI from ``model.mode`` (true for "control").
         tokenizer_dir: Directory of the tokenizer; linked from ``model.model_dir`` by the CLI.
         cache_dir: Where tokenised datasets are cached; default ``~/.cache/lit-qlp/data``. Put it on a shared
             filesystem for several nodes.
@@ -140,6 +153,7 @@ class TextDataModule(pl.LightningDataModule):
         chat_labels: Literal["assistant", "all"] = "assistant",
         add_prefix_space: bool = False,
         trust_remote_code: bool = False,
+        split_class_zero: bool = False,
         tokenizer_dir: Path | None = None,
         cache_dir: Path | None = None,
         seed: int = 42,
@@ -176,6 +190,7 @@ class TextDataModule(pl.LightningDataModule):
         self.chat_labels = chat_labels
         self.add_prefix_space = add_prefix_space
         self.trust_remote_code = trust_remote_code
+        self.split_class_zero = split_class_zero
         self.tokenizer_dir = tokenizer_dir
         self.cache_dir = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "lit-qlp" / "data"
         self.seed = seed
@@ -224,6 +239,7 @@ class TextDataModule(pl.LightningDataModule):
                 "chat_labels",
                 "add_prefix_space",
                 "trust_remote_code",
+                "split_class_zero",
                 "seed",
             )
         }
@@ -266,12 +282,16 @@ class TextDataModule(pl.LightningDataModule):
                     "dropped_tokens": int(cut),
                 }
             )
+        per_dataset = [
+            (docs, document_classes(docs, cls) if self.split_class_zero else [cls] * len(docs))
+            for docs, cls in per_dataset
+        ]
         if self.mix_datasets:
-            pairs = [(doc, cls) for docs, cls in per_dataset for doc in docs]
+            pairs = [(doc, c) for docs, classes in per_dataset for doc, c in zip(docs, classes)]
             random.Random(self.seed).shuffle(pairs)
             groups = [([d for d, _ in pairs], [c for _, c in pairs])]
         else:
-            groups = [(docs, [cls] * len(docs)) for docs, cls in per_dataset]
+            groups = per_dataset
         packed_groups = [pack(docs, classes, self.sequence_len, prefix, self.drop_tails) for docs, classes in groups]
         if not self.mix_datasets:
             for stat, packed in zip(stats, packed_groups):

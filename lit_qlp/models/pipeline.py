@@ -169,8 +169,9 @@ class ModelSource:
         return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
 
 
-LayerAdapter = Callable[[nn.Module, int, str], None]
-"""Called as ``adapter(layer, layer_index, prefix)`` on each decoder layer to add adapters in place."""
+LayerAdapter = Callable[[nn.Module, int, str], nn.Module]
+"""Called as ``adapter(layer, layer_index, prefix)`` on each decoder layer; returns the layer with its adapters
+(the same module changed in place, or a wrapper around it)."""
 
 
 class EmbeddingPipe(nn.Module):
@@ -240,7 +241,7 @@ class DecoderLayerPipe(nn.Module):
             quantize_linears(self.layer, source.quantization)
         self.rotary_emb = source.rotary_embedding()
         if adapter is not None:
-            adapter(self.layer, index, self.hf_prefix)
+            self.layer = adapter(self.layer, index, self.hf_prefix)
 
     def attention_mask(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -256,11 +257,13 @@ class DecoderLayerPipe(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = StageTensors(*inputs)
+        extra = {"control_classes": x.control_classes} if getattr(self.layer, "accepts_control_classes", False) else {}
         hidden_states = self.layer(
             x.hidden_states,
             attention_mask=self.attention_mask(x.hidden_states, x.position_ids),
             position_ids=x.position_ids,
             position_embeddings=self.rotary_emb(x.hidden_states, x.position_ids),
+            **extra,
         )
         return x._replace(hidden_states=hidden_states).pack()
 

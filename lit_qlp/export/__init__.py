@@ -1,0 +1,1 @@
+"""Library code behind the tools/ scripts: conversions and analyses of trained adapters."""
