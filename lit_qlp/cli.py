@@ -39,6 +39,8 @@ class LitQLPCLI(LightningCLI):
     - ``checkpoint``: ModelCheckpoint writing DeepSpeed checkpoint directories to ``<root>/checkpoints`` with a
       ``last`` link, so that ``--ckpt_path last`` resumes.
     - ``export``: EpochExport, the adapter of each epoch in ``<root>/epoch{N}``.
+    - ``trainer.callbacks``: RMSRatioSchedule (the learning rate of each step) and EvaluationReport (an evaluation
+      before training, a console line after each); ``--trainer.callbacks+=X`` adds one, a list replaces them.
     - ``data.tokenizer_dir`` follows ``model.model_dir``; ``trainer.val_check_interval`` follows
       ``data.evals_per_epoch``; ``data.split_class_zero`` follows ``model.mode`` (true for "control").
     """
@@ -67,6 +69,15 @@ class LitQLPCLI(LightningCLI):
         )
         parser.add_lightning_class_args(EpochExport, "export")
         parser.set_defaults({"trainer.strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"}})
+        # Ordinary callbacks: `--trainer.callbacks+=...` adds to them, a `trainer.callbacks` list replaces them.
+        parser.set_defaults(
+            {
+                "trainer.callbacks": [
+                    {"class_path": "lit_qlp.callbacks.RMSRatioSchedule"},
+                    {"class_path": "lit_qlp.callbacks.EvaluationReport"},
+                ]
+            }
+        )
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -83,8 +83,14 @@ def test_loss_falls_and_eval_is_logged(reference_run):
     assert len(losses) == 8
     steps = sorted(losses)
     assert losses[steps[-1]] < losses[steps[0]]
-    assert scalars(reference_run, "eval/loss")
-    assert scalars(reference_run, "train/lr")
+    evaluations = scalars(reference_run, "eval/loss")
+    assert 0 in evaluations and len(evaluations) > 1  # the initial evaluation, then the periodic ones
+    from lit_qlp.callbacks.schedule import rms_ratio
+
+    lrs = scalars(reference_run, "train/lr")
+    assert sorted(lrs) == steps
+    for step, lr in lrs.items():  # --model.lr=1e-2, beta2 0.99: the RMS-ratio schedule, t = step + 1
+        assert lr == pytest.approx(1e-2 * rms_ratio(0.99, step + 1), rel=1e-6)
 
 
 def test_two_stages_in_two_processes_give_the_same_losses(tiny_model, corpus, reference_run, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_qlp.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from lit_qlp.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, layer_generator
 
 CONTROL_PEFT_TYPE = "CONTROL_ADAPTER"
 
@@ -103,7 +103,7 @@ class ControlAdapter:
     def __call__(self, layer: nn.Module, index: int, prefix: str) -> nn.Module:
         if index not in self.layers:
             return layer
-        generator = torch.Generator().manual_seed((self.seed * 100_003 + index) % 2**63)
+        generator = layer_generator(self.seed, index)
         return ControlAdapterLayer(layer, self.hidden_size, self.rank, self.dropout, self.dtype, generator)
 
 

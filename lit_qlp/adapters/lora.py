@@ -60,6 +60,11 @@ class LoraLinear(nn.Module):
         return out + (update * self.scaling).to(out.dtype)
 
 
+def layer_generator(seed: int, index: int) -> torch.Generator:
+    """The initialisation RNG of decoder layer ``index``: the same whichever stage builds the layer."""
+    return torch.Generator().manual_seed((seed * 100_003 + index) % 2**63)
+
+
 @torch.no_grad()
 def composite_decay_(lora: LoraLinear, lr: float, weight_decay: float) -> None:
     """One gradient step of ``weight_decay · ½‖BA‖²_F`` on ``A`` and ``B``, in place (float32 weights).
@@ -111,7 +116,7 @@ class LoraAdapter:
     def __call__(self, layer: nn.Module, index: int, prefix: str) -> nn.Module:
         if index not in self.layers:
             return layer
-        generator = torch.Generator().manual_seed((self.seed * 100_003 + index) % 2**63)
+        generator = layer_generator(self.seed, index)
         for name in match_targets(linear_names(layer), self.target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name)

@@ -1,5 +1,7 @@
 """Lightning callbacks of lit_qlp (one behaviour each)."""
 
+from lit_qlp.callbacks.evaluation import EvaluationReport
 from lit_qlp.callbacks.export import EpochExport
+from lit_qlp.callbacks.schedule import RMSRatioSchedule
 
-__all__ = ["EpochExport"]
+__all__ = ["EpochExport", "EvaluationReport", "RMSRatioSchedule"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -409,10 +410,31 @@ class PipelineStrategy(DDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Every rank writes its stage's trainable weights and optimizer state into the directory ``filepath``."""
+        """Every rank writes its stage's trainable weights and optimizer state into the directory ``filepath``.
+
+        Write, then publish: the ranks write into ``<filepath>.partial``; only when all have finished is it renamed
+        to ``filepath`` (by local rank 0 of each node, for filesystems not shared between nodes). A crash during
+        the save leaves a ``.partial`` directory and every earlier checkpoint, ``last`` included, intact.
+        """
         # Weights and optimizer state are the engine's files; "optimizer_states" stays (empty) as Lightning expects it.
         client_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-        self.engine.save_checkpoint(str(filepath), client_state=client_state, exclude_frozen_parameters=True)
+        final = Path(filepath)
+        partial = final.with_name(final.name + ".partial")
+        if self.local_rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # the remains of an interrupted save
+        self.barrier("checkpoint-start")
+        self.engine.save_checkpoint(str(partial), client_state=client_state, exclude_frozen_parameters=True)
+        self.barrier("checkpoint-written")
+        if self.local_rank == 0 and partial.exists():
+            replaced = final.with_name(final.name + ".replaced")
+            if final.exists() or final.is_symlink():  # saved again (or a `last` link): kept until the new one is in
+                final.rename(replaced)
+            partial.rename(final)
+            if replaced.is_symlink() or replaced.is_file():
+                replaced.unlink()
+            elif replaced.exists():
+                shutil.rmtree(replaced)
+        self.barrier("checkpoint-published")
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
