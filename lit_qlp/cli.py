@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from lit_qlp.callbacks import EpochExport
+from lit_qlp.callbacks import EpochExport, RunCheckpoint
 from lit_qlp.data import TextDataModule
 from lit_qlp.module import CausalLMModule
 
@@ -36,11 +35,13 @@ class LitQLPCLI(LightningCLI):
 
     - ``trainer.strategy``: PipelineStrategy (``--trainer.strategy.pipeline_stages 2`` and so on).
     - ``trainer.logger``: TensorBoard, writing straight into ``trainer.default_root_dir``.
-    - ``checkpoint``: ModelCheckpoint writing DeepSpeed checkpoint directories to ``<root>/checkpoints`` with a
-      ``last`` link, so that ``--ckpt_path last`` resumes.
+    - ``checkpoint``: RunCheckpoint (a ModelCheckpoint) writing DeepSpeed checkpoint directories to
+      ``<root>/checkpoints`` every ``checkpoint_interval_hours`` and at each epoch end, the newest
+      ``max_checkpoints`` kept, with a ``last`` link, so that ``--ckpt_path last`` resumes.
     - ``export``: EpochExport, the adapter of each epoch in ``<root>/epoch{N}``.
     - ``trainer.callbacks``: RMSRatioSchedule (the learning rate of each step) and EvaluationReport (an evaluation
-      before training, a console line after each); ``--trainer.callbacks+=X`` adds one, a list replaces them.
+      before training, a console line after each) and ProgressReport (a line per step with throughput and ETA);
+      ``--trainer.callbacks+=X`` adds one, a list replaces them.
     - ``data.tokenizer_dir`` follows ``model.model_dir``; ``trainer.val_check_interval`` follows
       ``data.evals_per_epoch``; ``data.split_class_zero`` follows ``model.mode`` (true for "control").
     """
@@ -56,17 +57,7 @@ class LitQLPCLI(LightningCLI):
         parser.link_arguments("model.model_dir", "data.tokenizer_dir")
         parser.link_arguments("data.evals_per_epoch", "trainer.val_check_interval", compute_fn=evals_to_interval)
         parser.link_arguments("model.mode", "data.split_class_zero", compute_fn=splits_class_zero)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": "link",
-                "checkpoint.save_top_k": 3,
-                "checkpoint.monitor": "step",
-                "checkpoint.mode": "max",
-                # A resumed run re-points last.ckpt instead of adding last-v1.ckpt beside it.
-                "checkpoint.enable_version_counter": False,
-            }
-        )
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EpochExport, "export")
         parser.set_defaults({"trainer.strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"}})
         # Ordinary callbacks: `--trainer.callbacks+=...` adds to them, a `trainer.callbacks` list replaces them.
@@ -75,6 +66,7 @@ class LitQLPCLI(LightningCLI):
                 "trainer.callbacks": [
                     {"class_path": "lit_qlp.callbacks.RMSRatioSchedule"},
                     {"class_path": "lit_qlp.callbacks.EvaluationReport"},
+                    {"class_path": "lit_qlp.callbacks.ProgressReport"},
                 ]
             }
         )

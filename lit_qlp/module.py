@@ -27,6 +27,7 @@ from lit_qlp.adapters.lora import (
     lora_tensors,
     peft_adapter_config,
     save_peft_adapter,
+    update_norm,
 )
 from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets, parse_layer_ranges
 from lit_qlp.data.text import TOKENIZER_FILES
@@ -304,13 +305,23 @@ class CausalLMModule(pl.LightningModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         if self.mode == "control":
             self.regularize_control_adapters(lr)
-        elif self.lora_weight_decay:
-            for module in self.pipe.modules():
-                if isinstance(module, LoraLinear):
-                    composite_decay_(module, lr, self.lora_weight_decay)
+        elif self.mode != "full":
+            self.decay_lora(lr)
         self.log("train/loss", result.loss, prog_bar=True, rank_zero_only=True)
         self.log("train/lr", lr, rank_zero_only=True)
         return result.loss
+
+    def decay_lora(self, lr: float) -> None:
+        """The composite decay of every LoRA pair (when ``lora_weight_decay`` > 0) and the ‖BA‖_F metrics."""
+        stats = {}
+        for name, module in self.pipe.named_modules():
+            if isinstance(module, LoraLinear):
+                before = update_norm(module)
+                if self.lora_weight_decay:
+                    composite_decay_(module, lr, self.lora_weight_decay)
+                after = update_norm(module) if self.lora_weight_decay else before
+                stats[name] = {"norm": after, "weight_decay": before - after}
+        self.log_adapter_stats(stats, ["norm"] + (["weight_decay"] if self.lora_weight_decay else []))
 
     def regularize_control_adapters(self, lr: float) -> None:
         """The post-step regulariser of every Control Adapter, with its metrics reduced over all stages."""
@@ -318,10 +329,18 @@ class CausalLMModule(pl.LightningModule):
         for layer in self.pipe.forward_funcs:
             if isinstance(getattr(layer, "layer", None), ControlAdapterLayer):
                 stats[layer.index] = regularize_(layer.layer, self.control_adapter_gamma, lr, self.lora_weight_decay)
-        merged: dict[int, dict[str, float]] = {}
+        self.log_adapter_stats(stats, ["norm", "orthogonality"] + (["weight_decay"] if self.lora_weight_decay else []))
+
+    def log_adapter_stats(self, stats: dict, names: list[str]) -> None:
+        """Logs ``train/<metric>_{avg,min,max}`` over the adapters of all stages (``norm`` as ``train/norms_*``).
+
+        ``stats`` maps each local adapter (a name unique across stages) to its metrics; collective.
+        """
+        merged: dict = {}
         for part in self.trainer.strategy.all_gather_object(stats):
-            merged.update(part)  # data-parallel replicas report the same layers with the same values
-        names = ["norm", "orthogonality"] + (["weight_decay"] if self.lora_weight_decay else [])
+            merged.update(part)  # data-parallel replicas report the same adapters with the same values
+        if not merged:
+            return
         for name in names:
             values = [m[name] for m in merged.values()]
             prefix = "train/norms" if name == "norm" else f"train/{name}"

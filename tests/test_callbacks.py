@@ -97,3 +97,12 @@ def test_saving_over_a_last_link_replaces_the_link_not_its_target(tmp_path):
     strategy.save_checkpoint({"epoch": 0}, tmp_path / "last.ckpt")
     assert not (tmp_path / "last.ckpt").is_symlink() and (tmp_path / "last.ckpt" / "latest").is_file()
     assert sorted(p.name for p in target.iterdir()) == ["latest", "layer_00-model_states.pt"]
+
+
+def test_checkpoint_options_are_checked():
+    from lit_qlp.callbacks import RunCheckpoint
+
+    with pytest.raises(ValueError, match="checkpoint.max_checkpoints=0 must be at least 1"):
+        RunCheckpoint(max_checkpoints=0)
+    with pytest.raises(ValueError, match="checkpoint_interval_hours=-1"):
+        RunCheckpoint(checkpoint_interval_hours=-1)

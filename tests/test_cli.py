@@ -156,7 +156,7 @@ def test_print_config_of_demo_like_config(assets, tmp_path, monkeypatch, capsys)
     assert strategy["init_args"]["pipeline_stages"] == 2
     assert strategy["init_args"]["gradient_accumulation_steps"] == 2
     assert printed["model"]["layers_to_transform"] == "1:3"  # kept as text, not read as a number
-    assert printed["checkpoint"]["save_last"] == "link" and printed["export"]["dirname"] == "epoch{epoch}"
+    assert printed["checkpoint"]["max_checkpoints"] == 3 and printed["export"]["dirname"] == "epoch{epoch}"
     assert list(tmp_path.iterdir()) == [config]
 
 
@@ -324,3 +324,33 @@ def test_bad_input_fails_early_and_writes_nothing(extra, error, fragments, asset
     assert not any(cwd.iterdir()), f"the run wrote into the working directory: {sorted(os.listdir(cwd))}"
     if root.exists() and any(root.iterdir()):
         raise WroteIntoRootDir(f"the failed run wrote into default_root_dir: {sorted(os.listdir(root))}")
+
+
+class FakeClock:
+    """``time.monotonic`` that advances ``step`` seconds at every call."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_time_based_checkpoints_and_retention(tiny_model, corpus, tmp_path, monkeypatch):
+    """A clock that advances 0.4 h per check: saves at steps 3, 6 and 9, the newest two kept, last -> 9."""
+    from lightning.pytorch.callbacks import model_checkpoint
+
+    from tests.test_training import ROOT, fit_args
+
+    monkeypatch.setattr(model_checkpoint, "time", FakeClock(0.4 * 3600))
+    args = fit_args(
+        tiny_model("llama"), corpus, tmp_path, "--trainer.max_steps=9", "--trainer.enable_progress_bar=false"
+    )
+    args += ["--checkpoint.every_n_train_steps=0", "--checkpoint.checkpoint_interval_hours=1"]
+    args += ["--checkpoint.max_checkpoints=2", "--checkpoint.save_on_epoch_end=false"]
+    monkeypatch.chdir(ROOT)
+    assert run(args) == 0
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert saved == ["epoch=0-step=6.ckpt", "epoch=0-step=9.ckpt", "last.ckpt"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=9.ckpt"

@@ -87,6 +87,8 @@ def test_loss_falls_and_eval_is_logged(reference_run):
     assert 0 in evaluations and len(evaluations) > 1  # the initial evaluation, then the periodic ones
     from lit_qlp.callbacks.schedule import rms_ratio
 
+    for tag in ("train/norms_avg", "train/norms_min", "train/norms_max", "train/tokens_per_s", "train/sequences_per_s"):
+        assert sorted(scalars(reference_run, tag)) == steps, tag
     lrs = scalars(reference_run, "train/lr")
     assert sorted(lrs) == steps
     for step, lr in lrs.items():  # --model.lr=1e-2, beta2 0.99: the RMS-ratio schedule, t = step + 1
@@ -110,6 +112,12 @@ def test_two_stages_in_two_processes_give_the_same_losses(tiny_model, corpus, re
     assert len(losses) == 4
     for step, loss in losses.items():
         torch.testing.assert_close(loss, reference[step], msg=lambda m: f"step {step}: {m}")
+    # ‖BA‖_F statistics gathered from both stages equal those of the one-process run.
+    for tag in ("train/norms_avg", "train/norms_min", "train/norms_max"):
+        expected, got = scalars(reference_run, tag), scalars(tmp_path, tag)
+        assert sorted(got) == list(range(4)) and got[3] > 0, tag
+        for step in got:
+            torch.testing.assert_close(got[step], expected[step], rtol=1e-5, atol=1e-7, msg=lambda m: f"{tag} {m}")
 
 
 def test_resume_from_checkpoint_continues_exactly(tiny_model, corpus, reference_run, tmp_path):
@@ -278,3 +286,53 @@ def test_data_parallel_resume_mid_epoch_is_exact_and_sees_every_sequence_once(ti
         # Every global batch is complete and no sequence repeats within an epoch, across both replicas.
         assert len(rows) == len(set(rows)) == steps_per_epoch * 2 * 2, f"epoch {epoch}"
         assert sorted(resumed_rows[epoch]) == sorted(rows), f"epoch {epoch}: the resumed run saw other sequences"
+
+
+def test_lora_weight_decay_shrinks_ba_and_is_reported(tiny_model, corpus, reference_run, tmp_path):
+    run_cli(
+        fit_args(tiny_model("llama"), corpus, tmp_path, "--trainer.max_steps=4", "--model.lora_weight_decay=5"), ROOT
+    )
+    decay = scalars(tmp_path, "train/weight_decay_avg")
+    assert sorted(decay) == list(range(4)) and all(d > 0 for d in decay.values())  # the decay follows each step
+    for tag in ("train/weight_decay_min", "train/weight_decay_max"):
+        assert sorted(scalars(tmp_path, tag)) == list(range(4)), tag
+    # The decayed adapters end smaller than the undecayed reference run's.
+    assert scalars(tmp_path, "train/norms_avg")[3] < scalars(reference_run, "train/norms_avg")[3]
+
+
+def test_a_run_killed_mid_training_resumes_with_the_uninterrupted_losses(tiny_model, corpus, reference_run, tmp_path):
+    """SIGKILL at step 5 (the last checkpoint is step 3's); --ckpt_path last then gives the reference's losses."""
+    model_dir = tiny_model("llama")
+    args = fit_args(model_dir, corpus, tmp_path, "--trainer.max_steps=8", "--checkpoint.every_n_train_steps=3")
+    killer = "--trainer.callbacks+={class_path: tests.recording.KillAtStep, init_args: {step: 5}}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    killed = subprocess.run([sys.executable, "-m", "lit_qlp", *args, killer], cwd=ROOT, env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=3.ckpt"
+    run_cli([*args, "--ckpt_path=last"], ROOT)
+    reference = scalars(reference_run, "train/loss")
+    resumed = scalars(tmp_path, "train/loss")  # steps 3-4 logged twice: the resumed run's values are read last
+    assert sorted(resumed) == sorted(reference)
+    for step in reference:
+        assert resumed[step] == reference[step], f"step {step}: resumed {resumed[step]} != {reference[step]}"
+
+
+def test_raising_the_epoch_count_after_a_finished_run_continues_it(tiny_model, corpus, tmp_path):
+    model_dir = tiny_model("llama")
+    straight = tmp_path / "straight"
+    run_cli(fit_args(model_dir, corpus, straight, "--trainer.max_epochs=2", "--checkpoint.every_n_train_steps=0"), ROOT)
+    extended = tmp_path / "extended"
+    run_cli(fit_args(model_dir, corpus, extended, "--trainer.max_epochs=1", "--checkpoint.every_n_train_steps=0"), ROOT)
+    assert (extended / "epoch1").is_dir()
+    run_cli(
+        fit_args(model_dir, corpus, extended, "--trainer.max_epochs=2", "--checkpoint.every_n_train_steps=0")
+        + ["--ckpt_path=last"],
+        ROOT,
+    )
+    assert (extended / "epoch2").is_dir()
+    reference, losses = scalars(straight, "train/loss"), scalars(extended, "train/loss")
+    assert sorted(losses) == sorted(reference)
+    for step in reference:
+        assert losses[step] == reference[step], f"step {step}: extended {losses[step]} != {reference[step]}"
+    lrs, reference_lrs = scalars(extended, "train/lr"), scalars(straight, "train/lr")
+    assert all(lrs[s] == reference_lrs[s] for s in reference_lrs)  # the schedule continued, not restarted

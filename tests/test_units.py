@@ -510,3 +510,14 @@ def test_activation_offload_needs_activation_checkpointing():
 
     with pytest.raises(ValueError, match="activation_offload=True .*activation_checkpointing=True"):
         PipelineStrategy(activation_checkpointing=False, activation_offload=True)
+
+
+def test_update_norm_is_the_frobenius_norm_of_ba():
+    from lit_qlp.adapters.lora import LoraLinear, update_norm
+
+    lora = LoraLinear(nn.Linear(9, 7, bias=False), rank=3, alpha=3, generator=torch.Generator().manual_seed(0))
+    assert update_norm(lora) == 0.0  # B starts at zero
+    with torch.no_grad():
+        lora.lora_B.weight.normal_(generator=torch.Generator().manual_seed(1))
+    expected = torch.linalg.matrix_norm(lora.lora_B.weight @ lora.lora_A.weight)
+    assert update_norm(lora) == pytest.approx(float(expected), rel=1e-5)

@@ -79,6 +79,13 @@ def composite_decay_(lora: LoraLinear, lr: float, weight_decay: float) -> None:
     b.sub_(grad_b, alpha=lr * weight_decay)
 
 
+@torch.no_grad()
+def update_norm(lora: LoraLinear) -> float:
+    """‖BA‖_F of a LoRA pair, as ``sqrt(Σ (BᵀB) ∘ (AAᵀ))`` in rank space (the out × in product is never formed)."""
+    a, b = lora.lora_A.weight.float(), lora.lora_B.weight.float()
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+
+
 class LoraAdapter:
     """Adds ``LoraLinear`` to the targeted linear layers of the selected decoder layers.
 
@@ -184,6 +191,7 @@ __all__ = [
     "LoraAdapter",
     "LoraLinear",
     "composite_decay_",
+    "update_norm",
     "lora_tensors",
     "peft_adapter_config",
     "save_peft_adapter",

@@ -1,7 +1,9 @@
 """Lightning callbacks of lit_qlp (one behaviour each)."""
 
+from lit_qlp.callbacks.checkpoint import RunCheckpoint
 from lit_qlp.callbacks.evaluation import EvaluationReport
 from lit_qlp.callbacks.export import EpochExport
+from lit_qlp.callbacks.progress import ProgressReport
 from lit_qlp.callbacks.schedule import RMSRatioSchedule
 
-__all__ = ["EpochExport", "EvaluationReport", "RMSRatioSchedule"]
+__all__ = ["EpochExport", "EvaluationReport", "ProgressReport", "RMSRatioSchedule", "RunCheckpoint"]
