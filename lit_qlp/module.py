@@ -381,7 +381,7 @@ class CausalLMModule(pl.LightningModule):
                 )
 
     # ----------------------------------------------------------------- export
-    def export(self, directory: Path) -> None:
+    def export(self, directory: Path, layers: list | None = None, stages: Any = None) -> None:
         """Writes what trained into ``directory``, with the tokenizer files.
 
         LoRA/QLoRA: a PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``). Full fine-tuning: a
@@ -389,18 +389,27 @@ class CausalLMModule(pl.LightningModule):
         ``AutoModelForCausalLM.from_pretrained``.
 
         Collective: every rank must call it.
-        """
-        if self.mode == "full":
-            self.export_model(directory)
-        elif self.mode == "control":
-            self.export_control_adapter(directory)
-        else:
-            self.export_adapter(directory)
 
-    def export_control_adapter(self, directory: Path) -> None:
+        Args:
+            directory: Where to write.
+            layers: This process's pipeline layers; by default those of the running pipeline.
+            stages: What gathers the stages' tensors (``gather_from_stages``, ``all_gather_object``, ``barrier``,
+                ``stage_id``, ``data_parallel_rank``, ``is_global_zero``); by default the trainer's strategy.
+                ``SingleProcessStages`` exports layers that one process holds (tools/convert_ds_checkpoint.py).
+        """
+        layers = list(self.pipe.forward_funcs if layers is None else layers)
+        stages = self.trainer.strategy if stages is None else stages
+        if self.mode == "full":
+            self.export_model(directory, layers, stages)
+        elif self.mode == "control":
+            self.export_control_adapter(directory, layers, stages)
+        else:
+            self.export_adapter(directory, layers, stages)
+
+    def export_control_adapter(self, directory: Path, layers: list, stages: Any) -> None:
         """Writes ``adapter_model.safetensors`` (``...layers.{i}.control_Q`` / ``control_S``), the config and the
         tokenizer files into ``directory``. Collective."""
-        gathered = self.trainer.strategy.gather_from_stages(control_tensors(self.pipe.forward_funcs))
+        gathered = stages.gather_from_stages(control_tensors(layers))
         if gathered is None:
             return
         tensors = {k: v for part in gathered for k, v in part.items()}
@@ -410,12 +419,12 @@ class CausalLMModule(pl.LightningModule):
         save_peft_adapter(directory, tensors, config)
         copy_tokenizer_files(self.model_dir, directory)
 
-    def export_model(self, directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    def export_model(self, directory: Path, layers: list, stages: Any, max_shard_bytes: int = 5 * 2**30) -> None:
         """Writes the whole model in Hugging Face format; each stage writes its own shards, rank 0 the index."""
-        strategy = self.trainer.strategy
+        strategy = stages
         tensors: dict[str, torch.Tensor] = {}
         if strategy.data_parallel_rank == 0:  # data-parallel replicas hold the same weights
-            for layer in self.pipe.forward_funcs:
+            for layer in layers:
                 if isinstance(layer, torch.nn.Module):
                     tensors.update(layer.hf_tensors())
         if self.source.quirks.tie_word_embeddings:
@@ -444,13 +453,13 @@ class CausalLMModule(pl.LightningModule):
             copy_tokenizer_files(self.model_dir, directory)
         strategy.barrier("export_model")
 
-    def export_adapter(self, directory: Path) -> None:
+    def export_adapter(self, directory: Path, layers: list, stages: Any) -> None:
         """Writes the trained adapter in PEFT format plus the tokenizer files into ``directory``.
 
         Collective: every rank must call it; stages send their tensors to global rank 0, which writes.
         """
-        local_layers = [f for f in self.pipe.forward_funcs if isinstance(f, torch.nn.Module)] if self.pipe else []
-        gathered = self.trainer.strategy.gather_from_stages(lora_tensors(local_layers))
+        local_layers = [f for f in layers if isinstance(f, torch.nn.Module)]
+        gathered = stages.gather_from_stages(lora_tensors(local_layers))
         if gathered is None:
             return
         tensors: dict[str, torch.Tensor] = {}
@@ -473,6 +482,23 @@ class CausalLMModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The weights travel in the strategy's DeepSpeed checkpoint files, not in Lightning's state_dict.
         checkpoint.pop("state_dict", None)
+
+
+class SingleProcessStages:
+    """Stands in for the strategy when one process holds every pipeline layer (exports outside training)."""
+
+    stage_id = 0
+    data_parallel_rank = 0
+    is_global_zero = True
+
+    def gather_from_stages(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self, name: str | None = None) -> None:
+        pass
 
 
 def full_trainable_parameters(

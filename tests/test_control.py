@@ -195,6 +195,12 @@ def test_training_on_opposite_classes_lowers_each_datasets_loss_under_its_own_cl
     for tag in ("train/norms_avg", "train/norms_max", "train/orthogonality_max"):
         assert scalars(two, tag), tag
 
+    from lit_qlp.export.checkpoint import convert_ds_checkpoint
+
+    convert_ds_checkpoint(two / "checkpoints" / "last.ckpt", two / "config.yaml", tmp_path / "converted")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "converted" / name).read_bytes() == (two / "epoch1" / name).read_bytes(), name
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     up_ids = tokenizer(" ".join(f"w{i}" for i in range(20, 40)))["input_ids"]
     down_ids = tokenizer(" ".join(f"w{i}" for i in range(60, 40, -1)))["input_ids"]

@@ -96,6 +96,14 @@ def test_tied_full_fine_tuning_across_two_stages(tiny_model, corpus, tmp_path):
     torch.testing.assert_close(hf.model.embed_tokens.weight.detach(), first)
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
+    # tools/convert_ds_checkpoint.py on the final checkpoint gives the export's tensors, bit for bit.
+    from lit_qlp.export.checkpoint import convert_ds_checkpoint
+
+    convert_ds_checkpoint(two / "checkpoints" / "last.ckpt", two / "config.yaml", tmp_path / "converted")
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", dtype=torch.float32).state_dict()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(converted[name], tensor), name
+
     # The trained pipeline: the engine's own checkpoint files (not the export) loaded into the pipeline layers.
     source = ModelSource(model_dir, dtype="float32")
     n = source.quirks.num_layers

@@ -336,3 +336,25 @@ def test_raising_the_epoch_count_after_a_finished_run_continues_it(tiny_model, c
         assert losses[step] == reference[step], f"step {step}: extended {losses[step]} != {reference[step]}"
     lrs, reference_lrs = scalars(extended, "train/lr"), scalars(straight, "train/lr")
     assert all(lrs[s] == reference_lrs[s] for s in reference_lrs)  # the schedule continued, not restarted
+
+
+def test_converted_checkpoint_equals_the_export_bit_for_bit(reference_run, tmp_path):
+    from lit_qlp.export.checkpoint import convert_ds_checkpoint
+
+    # The reference run stopped at step 8 (max_steps): it exported step8/ and saved the checkpoint there.
+    assert (reference_run / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=8.ckpt"
+    convert_ds_checkpoint(reference_run / "checkpoints" / "last.ckpt", reference_run / "config.yaml", tmp_path / "out")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (reference_run / "step8" / name).read_bytes(), name
+    # The same from the command line.
+    script = [
+        sys.executable,
+        ROOT / "tools" / "convert_ds_checkpoint.py",
+        "--input",
+        reference_run / "checkpoints" / "last.ckpt",
+    ]
+    command = [*script, "--config", reference_run / "config.yaml", "--output", tmp_path / "cli"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "cli" / name).read_bytes() == (reference_run / "step8" / name).read_bytes()

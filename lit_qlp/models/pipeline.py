@@ -146,7 +146,15 @@ class ModelSource:
             device: Where to put it; ``self.device`` by default.
         """
         module = self.submodule(name)
-        module.to_empty(device=self.device if device is None else device)
+        device = torch.device(self.device if device is None else device)
+        module.to_empty(device=device)
+        if device.type != "meta":  # on meta: shapes only, for tools that load trained tensors afterwards
+            self._load(name, module)
+        for param_name, param in module.named_parameters():
+            param.requires_grad_(self.trainable is not None and self.trainable(f"{name}.{param_name}"))
+        return module
+
+    def _load(self, name: str, module: nn.Module) -> None:
         for sub in module.modules():
             if any(b not in sub.state_dict() for b, _ in sub.named_buffers(recurse=False)):
                 with torch.no_grad():
@@ -160,9 +168,6 @@ class ModelSource:
                         f"checkpoint but {tuple(tensor.shape)} in the model built from config.json"
                     )
                 tensor.copy_(source)
-        for param_name, param in module.named_parameters():
-            param.requires_grad_(self.trainable is not None and self.trainable(f"{name}.{param_name}"))
-        return module
 
     def rotary_embedding(self) -> nn.Module:
         """A fresh rotary-embedding module (its inverse frequencies are computed, not loaded)."""

@@ -1,0 +1,386 @@
+"""qlora-pipe-lite TOML configs -> lit-qlp YAML (lit_qlp.export.qlora_pipe, tools/import_qlora_pipe_config.py).
+
+Each mode's TOML (as many qlora-pipe-lite keys as apply) is converted, written as YAML and parsed by the real CLI
+(``lit-qlp fit --config X --print_config``, in-process); the printed configuration must hold the TOML's values at
+the places listed in ``PLACES`` below, which is written independently of the module's own table. Nothing trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_qlp.cli import main
+from lit_qlp.export.qlora_pipe import DATASET_KEYS, KNOWN_KEYS, import_qlora_pipe_config
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "import_qlora_pipe_config.py"
+
+# Where the printed lit-qlp config holds each qlora-pipe-lite key that maps one to one.
+PLACES = {
+    "model_dir": ("model", "model_dir"),
+    "output_dir": ("trainer", "default_root_dir"),
+    "lora_rank": ("model", "lora_rank"),
+    "lora_dropout": ("model", "lora_dropout"),
+    "lora_weight_dtype": ("model", "lora_weight_dtype"),
+    "lora_weight_decay": ("model", "lora_weight_decay"),
+    "control_adapter_gamma": ("model", "control_adapter_gamma"),
+    "target_modules": ("model", "target_modules"),
+    "layers_to_transform": ("model", "layers_to_transform"),
+    "lr": ("model", "lr"),
+    "eps": ("model", "eps"),
+    "epochs": ("trainer", "max_epochs"),
+    "pipeline_stages": ("trainer", "strategy", "init_args", "pipeline_stages"),
+    "gradient_accumulation_steps": ("trainer", "strategy", "init_args", "gradient_accumulation_steps"),
+    "partition_method": ("trainer", "strategy", "init_args", "partition_method"),
+    "use_column_major_topology": ("trainer", "strategy", "init_args", "use_column_major_topology"),
+    "sequence_len": ("data", "sequence_len"),
+    "eval_gradient_accumulation_steps": ("data", "eval_gradient_accumulation_steps"),
+    "eval_fraction": ("data", "eval_fraction"),
+    "evals_per_epoch": ("data", "evals_per_epoch"),
+    "max_sequences": ("data", "max_sequences"),
+    "drop_tails": ("data", "drop_tails"),
+    "mix_datasets": ("data", "mix_datasets"),
+    "sequence_prefix": ("data", "sequence_prefix"),
+    "document_prefix": ("data", "document_prefix"),
+    "document_suffix": ("data", "document_suffix"),
+    "mask_tokens": ("data", "mask_tokens"),
+    "checkpoint_interval_hours": ("checkpoint", "checkpoint_interval_hours"),
+    "max_checkpoints": ("checkpoint", "max_checkpoints"),
+}
+SPECIAL = {"full_fine_tune", "load_in_4bit", "use_control_adapters", "beta1", "beta2", "datasets"}
+
+
+@pytest.fixture(autouse=True)
+def clean_process_state(monkeypatch):
+    """The CLI sets environment variables (seed, ranks, master port); give every test a pristine copy back."""
+    monkeypatch.setattr(sys, "argv", ["lit-qlp"])  # LightningCLI warns when it sees pytest's own arguments
+    saved = dict(os.environ)
+    default_dtype = torch.get_default_dtype()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    assert torch.get_default_dtype() == default_dtype
+
+
+@pytest.fixture(scope="module")
+def assets(tiny_model, tmp_path_factory):
+    """The tiny llama and two small jsonl datasets."""
+    directory = tmp_path_factory.mktemp("qlora_pipe_data")
+    files = {}
+    for name in ("wanted", "unwanted", "neutral"):
+        files[name] = directory / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": f"w{i} w2 w3"}) + "\n" for i in range(20)))
+    return {"model_dir": Path(tiny_model("llama")), **files}
+
+
+def toml_text(config: dict) -> str:
+    """TOML of ``config``: scalars, lists and (last) the ``datasets`` array of tables."""
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+
+    lines = [f"{key} = {value(v)}" for key, v in config.items() if key != "datasets"]
+    for table in config.get("datasets", []):
+        lines += ["", "[[datasets]]", *(f"{key} = {value(v)}" for key, v in table.items())]
+    text = "\n".join(lines) + "\n"
+    assert tomllib.loads(text) == config  # the test's own TOML writer is faithful
+    return text
+
+
+def mode_config(mode: str, assets, root: Path) -> dict:
+    """A qlora-pipe-lite config of ``mode`` setting every key that applies to it."""
+    common = {
+        "model_dir": str(assets["model_dir"]),
+        "output_dir": str(root),
+        "lr": 3.0e-5,
+        "beta1": 0.85,
+        "beta2": 0.95,
+        "eps": 1.0e-7,
+        "epochs": 2,
+        "sequence_len": 128,
+        "pipeline_stages": 2,
+        "gradient_accumulation_steps": 8,
+        "eval_gradient_accumulation_steps": 2,
+        "partition_method": "uniform",
+        "use_column_major_topology": True,
+        "eval_fraction": 0.02,
+        "evals_per_epoch": 5,
+        "checkpoint_interval_hours": 0.5,
+        "max_checkpoints": 2,
+        "max_sequences": 1000,
+        "drop_tails": True,
+        "mix_datasets": True,
+        "sequence_prefix": "",
+        "document_prefix": "<doc>",
+        "document_suffix": [2],
+        "mask_tokens": True,
+        "datasets": [
+            {"dataset_path": str(assets["wanted"]), "max_tokens": 5000},
+            {"dataset_path": str(assets["neutral"])},
+        ],
+    }
+    lora = {"lora_rank": 8, "lora_dropout": 0.05, "lora_weight_dtype": "float32", "lora_weight_decay": 10.0}
+    if mode == "lora":
+        return {
+            **common,
+            **lora,
+            "target_modules": ["q_proj", "v_proj"],
+            "layers_to_transform": "0:1",
+            "control_adapter_gamma": 0.5,
+        }
+    if mode == "qlora":
+        config = {**common, "load_in_4bit": True, **lora, "lora_weight_dtype": "bfloat16", "lora_weight_decay": 0.0}
+        del config["beta1"]  # beta1 falls back to lit-qlp's 0.9
+        return {
+            **config,
+            "target_modules": "all-linear",
+            "layers_to_transform": "0:1,3",
+            "sequence_prefix": 1,
+            "document_suffix": "",
+            "mask_tokens": [0, 2],
+        }
+    if mode == "full":
+        config = {**common, "full_fine_tune": True, "load_in_4bit": False, "use_control_adapters": False}
+        del config["beta2"]  # beta2 falls back to lit-qlp's 0.99
+        return {
+            **config,
+            "target_modules": ["self_attn", "mlp"],
+            "layers_to_transform": "1:2",
+            "lr": 1.0e-5,
+            "partition_method": "type:decoderlayerpipe",
+            "sequence_prefix": [1],
+            "document_suffix": "</s>",
+            "mask_tokens": 2,
+        }
+    assert mode == "control"
+    return {
+        **common,
+        "use_control_adapters": True,
+        **lora,
+        "lora_rank": 4,
+        "lora_dropout": 0.1,
+        "lora_weight_decay": 100,
+        "control_adapter_gamma": 0.25,
+        "layers_to_transform": "1:3",
+        "datasets": [
+            {"dataset_path": str(assets["wanted"]), "control_class": 1, "max_tokens": 4000},
+            {"dataset_path": str(assets["unwanted"]), "control_class": -1, "max_tokens": 4000},
+            {"dataset_path": str(assets["neutral"]), "control_class": 0},
+        ],
+    }
+
+
+def run_cli(args: list[str]) -> int:
+    """Runs the CLI in-process; the exit code (0 when it returns normally)."""
+    try:
+        main(args)
+    except SystemExit as exit_:
+        return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+    return 0
+
+
+def at(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------------- modes
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full", "control"])
+def test_mode_config_parses_with_toml_values(mode, assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    toml_config = mode_config(mode, assets, tmp_path / "root")
+    assert set(toml_config) <= set(KNOWN_KEYS)
+    toml_path = tmp_path / "config.toml"
+    toml_path.write_text(toml_text(toml_config))
+    converted = import_qlora_pipe_config(toml_path)
+    yaml_path = tmp_path / "config.yaml"
+    yaml_path.write_text(yaml.safe_dump(converted, sort_keys=False))
+    assert yaml.safe_load(yaml_path.read_text()) == converted  # e.g. '1:3' stays quoted text
+
+    code = run_cli(["fit", "--config", str(yaml_path), "--print_config"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    printed = yaml.safe_load(captured.out)
+
+    assert set(toml_config) - SPECIAL <= set(PLACES)
+    for key, value in toml_config.items():
+        if key in PLACES:
+            assert at(converted, PLACES[key]) == value and type(at(converted, PLACES[key])) is type(value), key
+            assert at(printed, PLACES[key]) == value, key
+    assert printed["model"]["mode"] == mode
+    assert printed["model"]["dtype"] == "bfloat16"
+    assert printed["trainer"]["accelerator"] == "gpu"
+    assert printed["trainer"]["devices"] == toml_config["pipeline_stages"]
+    assert printed["trainer"]["strategy"]["class_path"] == "lit_qlp.strategies.PipelineStrategy"
+    assert printed["model"]["betas"] == [toml_config.get("beta1", 0.9), toml_config.get("beta2", 0.99)]
+    if mode == "qlora":
+        assert printed["model"]["quant_type"] == "nf4" and printed["model"]["double_quant"] is False
+    datasets = printed["data"]["datasets"]
+    assert [{k: d[k] for k in table} for d, table in zip(datasets, toml_config["datasets"])] == toml_config["datasets"]
+    assert len(datasets) == len(toml_config["datasets"])
+    assert not (tmp_path / "root").exists(), "--print_config wrote into default_root_dir"
+
+
+def test_minimal_config_leaves_lit_qlp_defaults():
+    converted = import_qlora_pipe_config("model_dir = '/m'\n[[datasets]]\ndataset_path = 'd.jsonl'\n")
+    assert converted == {
+        "trainer": {
+            "accelerator": "gpu",
+            "devices": 1,
+            "strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"},
+        },
+        "model": {"model_dir": "/m", "mode": "lora", "dtype": "bfloat16"},
+        "data": {"datasets": [{"dataset_path": "d.jsonl"}]},
+    }
+
+
+def test_layer_selection_forms():
+    base = "model_dir = '/m'\n[[datasets]]\ndataset_path = 'd'\n"
+
+    def layers(spec: str):
+        return import_qlora_pipe_config(f"layers_to_transform = {spec}\n" + base)["model"]["layers_to_transform"]
+
+    assert layers("'0:31'") == "0:31"
+    assert layers("'0:10,20:25,30'") == "0:10,20:25,30"
+    assert layers("'0 : 2, 5, 7:8,'") == "0:2,5,7:8"  # qlora-pipe-lite's blanks and empty items
+    assert layers("5") == "5"  # qlora-pipe-lite also takes a single integer
+    with pytest.raises(ValueError, match=r"layers_to_transform='3:1'.*'1:3'"):
+        layers("'3:1'")
+    with pytest.raises(ValueError, match=r"layers_to_transform='0-3'.*cannot read '0-3'"):
+        layers("'0-3'")
+
+
+def test_path_and_text_inputs(tmp_path):
+    text = "model_dir = '/m'\nlr = 1e-4\n[[datasets]]\ndataset_path = 'd'\n"
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert import_qlora_pipe_config(path) == import_qlora_pipe_config(str(path)) == import_qlora_pipe_config(text)
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        import_qlora_pipe_config(str(tmp_path / "missing.toml"))
+    with pytest.raises(ValueError, match=r"c2.toml: not valid TOML"):
+        (tmp_path / "c2.toml").write_text("model_dir = \n")
+        import_qlora_pipe_config(tmp_path / "c2.toml")
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_keys_listed_in_one_error():
+    text = toml_text(
+        {
+            "model_dir": "/m",
+            "lora_alpha": 64,
+            "evals_per_run": 5,
+            "learning_rate": 1e-4,
+            "datasets": [{"dataset_path": "a", "document_suffix": "<EOT>"}, {"dataset_path": "b", "weight": 2}],
+        }
+    )
+    with pytest.raises(ValueError) as error:
+        import_qlora_pipe_config(text)
+    message = str(error.value)
+    for name in ("'lora_alpha'", "'evals_per_run'", "'learning_rate'", "'datasets[0].document_suffix'"):
+        assert name in message
+    assert "'datasets[1].weight'" in message and "5 key(s)" in message
+    assert "scale lr instead" in message and "use evals_per_epoch" in message  # hints for known qlora-pipe-lite keys
+    assert "Supported keys: model_dir, output_dir" in message and "evals_per_epoch" in message
+    assert "[[datasets]] tables: dataset_path, max_tokens, control_class" in message
+    assert list(DATASET_KEYS) == ["dataset_path", "max_tokens", "control_class"]
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("full_fine_tune", "load_in_4bit"),
+        ("full_fine_tune", "use_control_adapters"),
+        ("use_control_adapters", "load_in_4bit"),
+    ],
+)
+def test_contradictory_mode_keys(first, second):
+    text = f"model_dir = '/m'\n{first} = true\n{second} = true\n[[datasets]]\ndataset_path = 'd'\n"
+    with pytest.raises(ValueError) as error:
+        import_qlora_pipe_config(text)
+    assert f"{first}=true" in str(error.value) and f"{second}=true" in str(error.value)
+    assert "remove" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "lines, pattern",
+    [
+        ("full_fine_tune = 'yes'", r"full_fine_tune='yes' must be true or false"),
+        ("target_modules = '.*proj'", r"target_modules='.\*proj'.*\['q_proj', 'v_proj'\]"),
+        ("target_modules = []", r"target_modules=\[\]: lit-qlp takes 'all-linear' or a non-empty list"),
+        ("use_control_adapters = true\ntarget_modules = ['q_proj']", r"target_modules=\['q_proj'\].*remove target_mod"),
+        ("full_fine_tune = true\nlora_weight_decay = 1.0", r"lora_weight_decay=1.0.*remove lora_weight_decay"),
+    ],
+)
+def test_values_lit_qlp_cannot_take(lines, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        import_qlora_pipe_config(f"model_dir = '/m'\n{lines}\n[[datasets]]\ndataset_path = 'd'\n")
+
+
+def test_missing_model_dir_and_datasets():
+    with pytest.raises(ValueError, match=r"model_dir is missing"):
+        import_qlora_pipe_config("lr = 1e-4\n[[datasets]]\ndataset_path = 'd'\n")
+    with pytest.raises(ValueError, match=r"no \[\[datasets\]\] table"):
+        import_qlora_pipe_config("model_dir = '/m'\n")
+    with pytest.raises(ValueError, match=r"datasets\[0\] has dataset_path=None"):
+        import_qlora_pipe_config("model_dir = '/m'\n[[datasets]]\nmax_tokens = 5\n")
+
+
+# ----------------------------------------------------------------------------------------------------- script
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO)
+
+
+def test_script(tmp_path):
+    toml_path = tmp_path / "config.toml"
+    toml_path.write_text(
+        "model_dir = '/m'\nuse_control_adapters = true\nlayers_to_transform = '16:31'\npipeline_stages = 2\n"
+        "[[datasets]]\ndataset_path = 'a.jsonl'\ncontrol_class = 1\n"
+    )
+    expected = import_qlora_pipe_config(toml_path)
+
+    stdout = run_script(toml_path)
+    assert stdout.returncode == 0, stdout.stderr
+    assert stdout.stdout.startswith(f"# Converted from the qlora-pipe-lite config {toml_path.resolve()}\n")
+    assert yaml.safe_load(stdout.stdout) == expected
+
+    out = tmp_path / "config.yaml"
+    written = run_script(toml_path, "-o", out)
+    assert written.returncode == 0, written.stderr
+    assert out.read_text() == stdout.stdout and "'16:31'" in out.read_text()  # quoted: YAML 1.1 reads 16:31 as 991
+
+    again = run_script(toml_path, "-o", out)  # never overwrites
+    assert again.returncode != 0 and "exists" in again.stderr
+    assert out.read_text() == stdout.stdout
+
+    toml_path.write_text("model_dir = '/m'\nlora_alpha = 16\n[[datasets]]\ndataset_path = 'a'\n")
+    bad = run_script(toml_path, "-o", tmp_path / "bad.yaml")
+    assert bad.returncode != 0 and "'lora_alpha'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.yaml").exists()
+
+
+def test_script_docstring_shows_usage():
+    assert "python tools/import_qlora_pipe_config.py config.toml [-o config.yaml]" in SCRIPT.read_text()
