@@ -312,6 +312,18 @@ def test_converted_lora_loads_in_peft_and_is_exact_for_parallel_blocks(tiny_mode
     torch.testing.assert_close(logits, reference)
     assert not torch.allclose(reference, base)
 
+    # And it merges into the base with tools/merge_lora.py's function: same logits again.
+    from transformers import AutoModelForCausalLM
+
+    from lit_qlp.export.merge import merge_lora
+
+    merge_lora(model_dir, tmp_path / "lora", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", dtype=torch.float32, attn_implementation=source.config._attn_implementation
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-5)
+
 
 def test_analysis_against_direct_computation(tmp_path, tiny_model):
     from lit_qlp.export.control import analyze_control_adapter
