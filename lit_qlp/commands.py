@@ -139,10 +139,43 @@ def import_qlora_pipe_config(argv: list[str] | None = None) -> None:
     print(f"wrote {args.output}", file=sys.stderr)
 
 
+@command
+def lora_to_gguf(argv: list[str] | None = None) -> None:
+    """lit-qlp-lora-to-gguf --input ADAPTER --output adapter.gguf [--arch llama] [--outtype F32|F16|BF16|Q8_0]"""
+    from lit_qlp.export.gguf import OUTTYPES, supported_architectures
+    from lit_qlp.export.gguf import lora_to_gguf as convert
+
+    parser = argparse.ArgumentParser(
+        prog="lora_to_gguf",
+        description="Convert a PEFT LoRA adapter into a llama.cpp LoRA adapter GGUF (load it with --lora).",
+    )
+    parser.add_argument("--input", type=Path, required=True, help="the PEFT LoRA directory (e.g. <root>/epoch1)")
+    parser.add_argument("--output", type=Path, required=True, help="the new .gguf file (never overwritten)")
+    parser.add_argument(
+        "--arch",
+        help=f"architecture, when the base model's config.json is not at base_model_name_or_path: "
+        f"{supported_architectures()}",
+    )
+    parser.add_argument(
+        "--outtype",
+        default="F32",
+        type=str.upper,
+        choices=OUTTYPES,
+        help="tensor type (default F32); under Q8_0, tensors whose rows are not whole 32-value blocks are F16",
+    )
+    args = parser.parse_args(argv)
+    summary = convert(args.input, args.output, arch=args.arch, outtype=args.outtype)
+    print(
+        f"wrote {summary['pairs']} LoRA pairs ({summary['tensors']} tensors, {summary['outtype']}, "
+        f"{summary['architecture']}, alpha {summary['alpha']:g}) to {summary['output']}"
+    )
+
+
 __all__ = [
     "analyze_control_adapters",
     "control_adapter_to_lora",
     "convert_ds_checkpoint",
     "import_qlora_pipe_config",
+    "lora_to_gguf",
     "merge_lora",
 ]

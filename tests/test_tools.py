@@ -134,3 +134,25 @@ def test_merge_from_the_command_line(tmp_path):
     assert result.returncode == 0 and "merged 8 weights" in result.stdout, result.stderr[-2000:]
     again = subprocess.run([*command, "--output", tmp_path / "out"], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode != 0 and "error: --output" in again.stderr and "not empty" in again.stderr
+
+
+def test_merge_refuses_what_it_cannot_merge(tmp_path):
+    from safetensors.torch import save_file
+
+    from lit_qlp.adapters.lora import peft_adapter_config
+    from lit_qlp.export.merge import read_lora
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = peft_adapter_config("base", 4, 4, 0.0, ["q_proj"], None)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    key = "base_model.model.model.embed_tokens.lora_embedding_A"
+    save_file({key: torch.zeros(4, 8)}, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="other than linear LoRA pairs.*embed_tokens.lora_embedding_A"):
+        read_lora(adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        read_lora(adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "CONTROL_ADAPTER"}))
+    with pytest.raises(ValueError, match="control_adapter_to_lora.py first"):
+        read_lora(adapter)

@@ -208,13 +208,28 @@ def run_lit(args, mode: str) -> dict:
     times: list[float] = []
 
     class StepTimer(pl.Callback):
+        profiler = None
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if args.profile and batch_idx == args.warmup:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if device != "cpu":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
             synchronize(device)
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             synchronize(device)
             times.append(time.perf_counter() - self.start)
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                sort = "cpu_time_total" if device == "cpu" else "cuda_time_total"
+                table = self.profiler.key_averages().table(sort_by=sort, row_limit=40)
+                args.profile.mkdir(parents=True, exist_ok=True)
+                (args.profile / f"profile-{mode}.txt").write_text(table)
+                self.profiler = None
 
     class RandomTokens(pl.LightningDataModule):
         def train_dataloader(self):
@@ -273,6 +288,12 @@ def main() -> None:
     parser.add_argument("--modes", default="lit-qlora,hf-qlora")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="lit modes: write a torch profiler table of one step after warm-up here",
+    )
     parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model_dir = args.model_dir or Path(f"/tmp/bench-{args.shape}")

@@ -42,9 +42,21 @@ def read_lora(adapter_dir: Path, scale: float = 1.0) -> tuple[dict[str, tuple[to
         )
     if config.get("use_dora"):
         raise ValueError(f"{config_path}: DoRA adapters are not supported (use_dora: true)")
+    patterns = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
+    if patterns or config.get("modules_to_save"):
+        raise ValueError(
+            f"{config_path}: per-module ranks/alphas or modules_to_save ({sorted(patterns) or 'modules_to_save'}) "
+            "are not supported by this merge; use PEFT's merge_and_unload"
+        )
     rank = config["r"]
     factor = scale * config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
     tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
+    other = sorted(k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if other:
+        raise ValueError(
+            f"{adapter_dir / ADAPTER_WEIGHTS} holds tensors other than linear LoRA pairs ({other[:3]}: embedding LoRA, "
+            "biases or saved modules), which this merge does not handle; use PEFT's merge_and_unload"
+        )
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):

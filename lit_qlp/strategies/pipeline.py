@@ -412,29 +412,26 @@ class PipelineStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Every rank writes its stage's trainable weights and optimizer state into the directory ``filepath``.
 
-        Write, then publish: the ranks write into ``<filepath>.partial``; only when all have finished is it renamed
-        to ``filepath`` (by local rank 0 of each node, for filesystems not shared between nodes). A crash during
-        the save leaves a ``.partial`` directory and every earlier checkpoint, ``last`` included, intact.
+        Write, then publish: the ranks write into ``<filepath>.partial``; only when all have finished does global
+        rank 0 rename it to ``filepath`` (then local rank 0 of any node whose filesystem it does not share renames
+        that node's copy). A crash during the save leaves a ``.partial`` directory and every earlier checkpoint,
+        ``last`` included, intact.
         """
         # Weights and optimizer state are the engine's files; "optimizer_states" stays (empty) as Lightning expects it.
         client_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
         final = Path(filepath)
         partial = final.with_name(final.name + ".partial")
         if self.local_rank == 0 and partial.exists():
-            shutil.rmtree(partial)  # the remains of an interrupted save
+            shutil.rmtree(partial, ignore_errors=True)  # the remains of an interrupted save (any node may clear it)
         self.barrier("checkpoint-start")
         self.engine.save_checkpoint(str(partial), client_state=client_state, exclude_frozen_parameters=True)
         self.barrier("checkpoint-written")
-        if self.local_rank == 0 and partial.exists():
-            replaced = final.with_name(final.name + ".replaced")
-            if final.exists() or final.is_symlink():  # saved again (or a `last` link): kept until the new one is in
-                final.rename(replaced)
-            partial.rename(final)
-            if replaced.is_symlink() or replaced.is_file():
-                replaced.unlink()
-            elif replaced.exists():
-                shutil.rmtree(replaced)
+        if self.is_global_zero:
+            _publish(partial, final)
         self.barrier("checkpoint-published")
+        if self.local_rank == 0 and not self.is_global_zero and partial.exists():
+            _publish(partial, final)  # a node whose filesystem global rank 0 does not share
+        self.barrier("checkpoint-published-on-every-node")
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -469,6 +466,18 @@ class PipelineStrategy(DDPStrategy):
         self.engine = None
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Renames a completely written checkpoint into place; what it replaces is removed only afterwards."""
+    replaced = final.with_name(final.name + ".replaced")
+    if final.exists() or final.is_symlink():  # saved again (or a `last` link): kept until the new one is in
+        final.rename(replaced)
+    partial.rename(final)
+    if replaced.is_symlink() or replaced.is_file():
+        replaced.unlink()
+    elif replaced.exists():
+        shutil.rmtree(replaced)
 
 
 @functools.cache
