@@ -83,6 +83,10 @@ class CausalLMModule(pl.LightningModule):
         layers_to_transform: Decoder layers that get adapters (or, for "full", whose weights train), e.g. "0:31",
             "0:10,20:25,30" or "1,3,5" (inclusive ranges); all layers when unset.
         lora_weight_dtype: Dtype of the LoRA (or Control Adapter) weights and of their optimizer state.
+        lora_compute_in_weight_dtype: LoRA/QLoRA: compute the low-rank path in ``lora_weight_dtype`` (true, as PEFT
+            does: the layer input is copied to float32) or in the activations' dtype with A and B cast to it
+            (false: bf16 matmuls and no float32 copies, faster; weights, gradients and optimizer state stay in
+            ``lora_weight_dtype``).
         lora_weight_decay: Composite weight decay λ of each LoRA pair, applied after every optimizer step as a
             gradient step on ½‖BA‖²_F (``A -= lr·λ·BᵀBA``, ``B -= lr·λ·BAAᵀ``), which shrinks the update ``BA``
             itself rather than A and B separately; for "control", ``S -= lr·λ·S``. Needs float32 adapter
@@ -115,6 +119,7 @@ class CausalLMModule(pl.LightningModule):
         layers_to_transform: str | None = None,
         lora_weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lora_weight_decay: float = 0.0,
+        lora_compute_in_weight_dtype: bool = True,
         control_adapter_gamma: float = 0.5,
         quant_type: Literal["nf4", "fp4"] = "nf4",
         double_quant: bool = True,
@@ -175,6 +180,7 @@ class CausalLMModule(pl.LightningModule):
         self.layers_to_transform = layers_to_transform
         self.lora_weight_dtype = lora_weight_dtype
         self.lora_weight_decay = lora_weight_decay
+        self.lora_compute_in_weight_dtype = lora_compute_in_weight_dtype
         self.control_adapter_gamma = control_adapter_gamma
         self.embeddings_on_cpu = embeddings_on_cpu
         self.lr = lr
@@ -236,6 +242,7 @@ class CausalLMModule(pl.LightningModule):
                 layers=self.adapter_layers,
                 dtype=getattr(torch, self.lora_weight_dtype),
                 seed=torch.initial_seed(),
+                compute_in_input_dtype=not self.lora_compute_in_weight_dtype,
             )
         counts = stage_weights(self.source)
         num_layers = self.source.quirks.num_layers

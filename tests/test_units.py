@@ -521,3 +521,31 @@ def test_update_norm_is_the_frobenius_norm_of_ba():
         lora.lora_B.weight.normal_(generator=torch.Generator().manual_seed(1))
     expected = torch.linalg.matrix_norm(lora.lora_B.weight @ lora.lora_A.weight)
     assert update_norm(lora) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_lora_computed_in_the_activation_dtype():
+    """float32 activations: the same numbers as the float32 path; bf16: close, with float32 weight gradients."""
+    from lit_qlp.adapters.lora import LoraLinear
+
+    def pair(compute_in_input_dtype, dtype):
+        torch.manual_seed(0)
+        base = nn.Linear(16, 8, bias=False).to(dtype)
+        lora = LoraLinear(
+            base, 4, 8, generator=torch.Generator().manual_seed(1), compute_in_input_dtype=compute_in_input_dtype
+        )
+        with torch.no_grad():
+            lora.lora_B.weight.normal_(generator=torch.Generator().manual_seed(2))
+        return lora
+
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+    for dtype, tolerance in ((torch.float32, 0.0), (torch.bfloat16, 3e-2)):
+        outputs, grads = [], []
+        for fast in (False, True):
+            lora = pair(fast, dtype)
+            out = lora(x.to(dtype))
+            out.float().square().sum().backward()
+            outputs.append(out.float())
+            grads.append(lora.lora_A.weight.grad)
+            assert lora.lora_A.weight.dtype == lora.lora_A.weight.grad.dtype == torch.float32
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(grads[1], grads[0], rtol=max(tolerance, 1.3e-6), atol=max(tolerance, 1e-5) * 10)

@@ -16,6 +16,8 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-qlora-offload``: the same with the checkpointed layer inputs in CPU memory and the embedding on the CPU.
 - ``lit-qlora-no-ckpt``: QLoRA without activation checkpointing (what checkpointing saves and costs).
 - ``lit-full``: full fine-tuning, bf16 weights, optimi Adam with Kahan summation.
+- ``lit-lora-fast`` / ``lit-qlora-fast``: the low-rank path computed in bf16 (``lora_compute_in_weight_dtype:
+  false``).
 
 Hugging Face baselines (one optimizer step per sequence, non-reentrant activation checkpointing, AdamW, SDPA):
 
@@ -193,6 +195,8 @@ LIT_MODES = {
     "lit-qlora-offload": dict(mode="qlora", activation_offload=True, embeddings_on_cpu=True),
     "lit-qlora-no-ckpt": dict(mode="qlora", activation_checkpointing=False),
     "lit-full": dict(mode="full"),
+    "lit-lora-fast": dict(mode="lora", lora_compute_in_weight_dtype=False),
+    "lit-qlora-fast": dict(mode="qlora", lora_compute_in_weight_dtype=False),
 }
 
 
@@ -273,6 +277,8 @@ BASELINE = {
     "lit-qlora-no-ckpt": "hf-qlora",
     "hf-qlora-kbit": "hf-qlora",
     "lit-full": "hf-full",
+    "lit-lora-fast": "hf-lora",
+    "lit-qlora-fast": "hf-qlora",
 }
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lit_qlp.adapters.targeting import ALL_LINEAR, linear_names, match_targets
@@ -30,6 +31,9 @@ class LoraLinear(nn.Module):
         dropout: Dropout probability on the adapter's input (no copy is made when 0).
         dtype: Dtype of ``A`` and ``B``; the input is cast to it and the update cast back.
         generator: RNG for ``A``'s initialisation (seeded per layer so that every pipeline layout starts alike).
+        compute_in_input_dtype: Compute the low-rank path in the input's dtype with ``A`` and ``B`` cast to it
+            (bf16 matmuls, no float32 copy of the input) instead of in ``dtype``; the weights, their gradients
+            and the optimizer state stay in ``dtype``.
     """
 
     def __init__(
@@ -40,9 +44,11 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        compute_in_input_dtype: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.compute_in_input_dtype = compute_in_input_dtype
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=dtype)
@@ -56,8 +62,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
-        return out + (update * self.scaling).to(out.dtype)
+        if self.compute_in_input_dtype:
+            a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+            update = F.linear(F.linear(self.dropout(x), a), b)
+        else:
+            update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+        if self.scaling != 1.0:  # alpha = r (lit-qlp's default): no multiply by one
+            update = update * self.scaling
+        return out + update.to(out.dtype)
 
 
 def layer_generator(seed: int, index: int) -> torch.Generator:
@@ -100,6 +112,7 @@ class LoraAdapter:
         layers: Indices of the decoder layers that get adapters.
         dtype: Dtype of the LoRA weights.
         seed: Base seed of the per-layer initialisation RNG.
+        compute_in_input_dtype: See ``LoraLinear``.
     """
 
     def __init__(
@@ -111,7 +124,9 @@ class LoraAdapter:
         layers: Iterable[int],
         dtype: torch.dtype,
         seed: int,
+        compute_in_input_dtype: bool = False,
     ) -> None:
+        self.compute_in_input_dtype = compute_in_input_dtype
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
@@ -127,7 +142,15 @@ class LoraAdapter:
         for name in match_targets(linear_names(layer), self.target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name)
-            lora = LoraLinear(getattr(parent, child), self.rank, self.alpha, self.dropout, self.dtype, generator)
+            lora = LoraLinear(
+                getattr(parent, child),
+                self.rank,
+                self.alpha,
+                self.dropout,
+                self.dtype,
+                generator,
+                compute_in_input_dtype=self.compute_in_input_dtype,
+            )
             setattr(parent, child, lora)
         return layer
 
