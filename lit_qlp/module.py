@@ -30,9 +30,9 @@ from lit_qlp.adapters.lora import (
     update_norm,
 )
 from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets, parse_layer_ranges
-from lit_qlp.data.text import TOKENIZER_FILES
 from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.kernels.cross_entropy import IGNORE_INDEX
+from lit_qlp.models.checkpoint import copy_tokenizer_files
 from lit_qlp.models.pipeline import (
     DecoderLayerPipe,
     EmbeddingPipe,
@@ -41,13 +41,8 @@ from lit_qlp.models.pipeline import (
     stage_weights,
     tied_head,
 )
-from lit_qlp.models.quantize import Quantization, check_bitsandbytes
+from lit_qlp.models.quantize import Quantization, check_bitsandbytes, import_bitsandbytes
 from lit_qlp.strategies.pipeline import PipelineSpec
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Copied beside exported weights so that the export loads on its own.
-EXPORTED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 def shift_left(tensor: torch.Tensor, fill: int) -> torch.Tensor:
@@ -165,14 +160,8 @@ class CausalLMModule(pl.LightningModule):
             )
         quantization = None
         if mode == "qlora":
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as error:
-                raise RuntimeError(
-                    f"model.mode=qlora needs bitsandbytes, which failed to import ({error}); "
-                    "install it with `pip install bitsandbytes` or use model.mode=lora"
-                ) from error
-            quantization = Quantization(quant_type, double_quant, _DTYPES[dtype])
+            import_bitsandbytes()
+            quantization = Quantization(quant_type, double_quant, getattr(torch, dtype))
         self.mode = mode
         self.lora_rank = lora_rank
         self.lora_dropout = lora_dropout
@@ -437,7 +426,7 @@ class CausalLMModule(pl.LightningModule):
         if self.source.quirks.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)  # tied checkpoints hold the matrix once, as the embedding
         shards = plan_shards(tensors, max_shard_bytes)
-        plans = strategy.all_gather_object((strategy.stage_id, [[(n, nbytes(tensors[n])) for n in s] for s in shards]))
+        plans = strategy.all_gather_object((strategy.stage_id, [[(n, tensors[n].nbytes) for n in s] for s in shards]))
         plans = sorted((p for p in plans if p[1]), key=lambda p: p[0])
         total = sum(len(p[1]) for p in plans)
         file_names = {}
@@ -554,20 +543,16 @@ def full_trainable_parameters(
     return chosen
 
 
-def nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     """Groups tensor names, in order, into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
     shards: list[list[str]] = []
     size = 0
     for name, tensor in tensors.items():
-        if not shards or (size + nbytes(tensor) > max_bytes and shards[-1]):
+        if not shards or (size + tensor.nbytes > max_bytes and shards[-1]):
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes(tensor)
+        size += tensor.nbytes
     return shards
 
 
@@ -575,10 +560,3 @@ def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, path, metadata={"format": "pt"})
-
-
-def copy_tokenizer_files(model_dir: Path, directory: Path) -> None:
-    """Copies the tokenizer (and chat template, generation config) files of ``model_dir`` into ``directory``."""
-    for name in EXPORTED_FILES:
-        if (Path(model_dir) / name).is_file():
-            shutil.copy2(Path(model_dir) / name, Path(directory) / name)

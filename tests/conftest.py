@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -41,3 +42,17 @@ def corpus(tmp_path_factory):
     from tests.test_training import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("data") / "corpus.jsonl")
+
+
+@pytest.fixture
+def clean_process_state(monkeypatch):
+    """For tests that run the CLI in this process: it sets environment variables (seed, ranks, master port) and
+    may leave a process group; every test gets a pristine environment back and must not leak either."""
+    monkeypatch.setattr(sys, "argv", ["lit-qlp"])  # LightningCLI warns when it sees pytest's own arguments
+    saved = dict(os.environ)
+    default_dtype = torch.get_default_dtype()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    assert torch.get_default_dtype() == default_dtype
+    assert not torch.distributed.is_initialized(), "a failed run left a process group behind"

@@ -9,34 +9,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lit_qlp.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("clean_process_state")  # tests/conftest.py: the CLI runs in this process
 CONFIGS = sorted([*REPO.glob("configs/*.yaml"), *REPO.glob("configs/*.yml")])
 
 
 class WroteIntoRootDir(AssertionError):
     """A failed run left files in trainer.default_root_dir (kept apart from wrong messages for the xfails)."""
-
-
-@pytest.fixture(autouse=True)
-def clean_process_state(monkeypatch):
-    """The CLI sets environment variables (seed, ranks, master port); give every test a pristine copy back."""
-    monkeypatch.setattr(sys, "argv", ["lit-qlp"])  # LightningCLI warns when it sees pytest's own arguments
-    saved = dict(os.environ)
-    default_dtype = torch.get_default_dtype()
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    assert torch.get_default_dtype() == default_dtype
-    assert not torch.distributed.is_initialized(), "a failed run left a process group behind"
 
 
 @pytest.fixture(scope="module")

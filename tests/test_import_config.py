@@ -8,17 +8,17 @@ the places listed in ``PLACES`` below, which is written independently of the mod
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lit_qlp.cli import main
 from lit_qlp.export.qlora_pipe import DATASET_KEYS, KNOWN_KEYS, import_qlora_pipe_config
+
+pytestmark = pytest.mark.usefixtures("clean_process_state")  # tests/conftest.py: the CLI runs in this process
 
 try:
     import tomllib
@@ -61,18 +61,6 @@ PLACES = {
     "max_checkpoints": ("checkpoint", "max_checkpoints"),
 }
 SPECIAL = {"full_fine_tune", "load_in_4bit", "use_control_adapters", "beta1", "beta2", "datasets"}
-
-
-@pytest.fixture(autouse=True)
-def clean_process_state(monkeypatch):
-    """The CLI sets environment variables (seed, ranks, master port); give every test a pristine copy back."""
-    monkeypatch.setattr(sys, "argv", ["lit-qlp"])  # LightningCLI warns when it sees pytest's own arguments
-    saved = dict(os.environ)
-    default_dtype = torch.get_default_dtype()
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    assert torch.get_default_dtype() == default_dtype
 
 
 @pytest.fixture(scope="module")

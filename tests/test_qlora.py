@@ -8,7 +8,7 @@ import torch
 from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
 from lit_qlp.models.quantize import Quantization, check_bitsandbytes
-from tests.test_training import ROOT, fit_args, run_cli, scalars
+from tests.test_training import ROOT, TWO_STAGES, assert_same_losses, fit_args, run_cli, scalars
 from tests.tiny_models import VOCAB
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -130,23 +130,8 @@ def test_qlora_resumes_exactly(tiny_model, corpus, qlora_reference, tmp_path):
 
 @pytest.mark.slow
 def test_qlora_across_two_stages_gives_the_same_losses(tiny_model, corpus, qlora_reference, tmp_path):
-    run_cli(
-        fit_args(
-            tiny_model("llama"),
-            corpus,
-            tmp_path,
-            *QLORA,
-            "--trainer.max_steps=4",
-            "--trainer.devices=2",
-            "--trainer.strategy.pipeline_stages=2",
-        ),
-        ROOT,
-    )
-    reference = scalars(qlora_reference, "train/loss")
-    losses = scalars(tmp_path, "train/loss")
-    assert sorted(losses) == list(range(4))
-    for step, loss in losses.items():
-        torch.testing.assert_close(loss, reference[step], msg=lambda m: f"step {step}: {m}")
+    run_cli(fit_args(tiny_model("llama"), corpus, tmp_path, *QLORA, *TWO_STAGES), ROOT)
+    assert_same_losses(tmp_path, scalars(qlora_reference, "train/loss"), 4)
 
 
 def test_embeddings_on_cpu_give_the_same_hidden_states_and_are_not_module_parameters(tiny_model):

@@ -140,6 +140,27 @@ def peak_memory(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else float("nan")
 
 
+def lit_trainer(device: str, strategy, max_steps: int, callbacks: list):
+    """A bare Trainer for lit_qlp's real path: one process, no logging, checkpoints, progress or evaluation, the
+    sequences in the order the DataLoader gives them."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu" if device == "cpu" else "gpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,  # Lightning would shuffle them otherwise
+        callbacks=callbacks,
+    )
+
+
 def run_hf(args, mode: str) -> dict:
     """transformers (+ PEFT), one optimizer step per sequence; median step time after warm-up."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -248,19 +269,8 @@ def run_lit(args, mode: str) -> dict:
     vocab = module.source.config.vocab_size
     steps = args.warmup + args.steps
     total = steps * args.micro_batches
-    trainer = pl.Trainer(
-        accelerator="cpu" if device == "cpu" else "gpu",
-        devices=1,
-        strategy=PipelineStrategy(gradient_accumulation_steps=args.micro_batches, **strategy_options),
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[StepTimer()],
-    )
+    strategy = PipelineStrategy(gradient_accumulation_steps=args.micro_batches, **strategy_options)
+    trainer = lit_trainer(device, strategy, steps, [StepTimer()])
     trainer.fit(module, RandomTokens())
     step = statistics.median(times[args.warmup :])
     return {"tokens_per_s": args.micro_batches * args.seq / step, "peak_gib": peak_memory(device)}

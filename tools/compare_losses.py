@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import SHAPES, build_model  # noqa: E402
+from benchmark import SHAPES, build_model, lit_trainer  # noqa: E402
 
 
 def sequences(vocab: int, args) -> torch.Tensor:
@@ -66,20 +66,8 @@ def lit_losses(args, initial: Path) -> list[float]:
         def train_dataloader(self):
             return DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=args.micro_batches)
 
-    trainer = pl.Trainer(
-        accelerator="cpu" if args.device == "cpu" else "gpu",
-        devices=1,
-        strategy=PipelineStrategy(gradient_accumulation_steps=args.micro_batches, gradient_clipping=1.0),
-        max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,  # keep the sequences in order (Lightning would shuffle them otherwise)
-        callbacks=[Record()],
-    )
+    strategy = PipelineStrategy(gradient_accumulation_steps=args.micro_batches, gradient_clipping=1.0)
+    trainer = lit_trainer(args.device, strategy, args.steps, [Record()])
     trainer.fit(module, Data())
     return losses
 

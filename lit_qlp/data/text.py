@@ -22,19 +22,9 @@ from typing_extensions import override
 from lit_qlp.data.packing import Packed, pack, truncate_tokens
 from lit_qlp.data.sources import DatasetSource, dataset_files, read_documents
 from lit_qlp.data.tokenize import DocumentEncoder, TokenSpec, resolve_mask_tokens, resolve_sequence_prefix
+from lit_qlp.models.checkpoint import TOKENIZER_FILES
 
 CACHE_FORMAT = "lit-qlp-data-1"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 COLUMNS = ("input_ids", "labels", "control_classes")
 
 

@@ -15,15 +15,13 @@ attention LoRA also changes the MLP's input, so ``o_proj=True`` is not exact the
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
 from lit_qlp.adapters.control import load_control_adapter
 from lit_qlp.adapters.lora import PEFT_PREFIX, peft_adapter_config, save_peft_adapter
-
-TOKENIZER_AND_CONFIG = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+from lit_qlp.models.checkpoint import copy_tokenizer_files
 
 
 def control_adapter_to_lora(
@@ -80,9 +78,7 @@ def control_adapter_to_lora(
         layers_to_transform=sorted(adapters),
     )
     save_peft_adapter(output_dir, tensors, lora_config)
-    for name in TOKENIZER_AND_CONFIG:
-        if (Path(base_dir) / name).is_file():
-            shutil.copy2(Path(base_dir) / name, output_dir / name)
+    copy_tokenizer_files(base_dir, output_dir)
     return tensors
 
 

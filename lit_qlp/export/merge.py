@@ -10,19 +10,7 @@ from pathlib import Path
 import torch
 
 from lit_qlp.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-
-INDEX_FILE = "model.safetensors.index.json"
-# Copied beside the merged weights so that the output loads on its own.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+from lit_qlp.models.checkpoint import INDEX_FILE, SINGLE_FILE, copy_tokenizer_files
 
 
 def read_lora(adapter_dir: Path, scale: float = 1.0) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -77,9 +65,9 @@ def shard_files(base_dir: Path) -> list[str]:
     if (base_dir / INDEX_FILE).is_file():
         weight_map = json.loads((base_dir / INDEX_FILE).read_text())["weight_map"]
         return list(dict.fromkeys(weight_map.values()))
-    if (base_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    raise FileNotFoundError(f"--input {base_dir} has neither {INDEX_FILE} nor model.safetensors")
+    if (base_dir / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    raise FileNotFoundError(f"--input {base_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
 def merge_lora(base_dir: Path, adapter_dir: Path, output_dir: Path, scale: float = 1.0) -> list[str]:
@@ -138,9 +126,10 @@ def merge_lora(base_dir: Path, adapter_dir: Path, output_dir: Path, scale: float
                 merged.append(key)
         save_file(tensors, output_dir / name, metadata=metadata)
         del tensors
-    for side in (INDEX_FILE, *SIDE_FILES):
+    for side in (INDEX_FILE, "config.json"):
         if (base_dir / side).is_file():
             shutil.copy2(base_dir / side, output_dir / side)
+    copy_tokenizer_files(base_dir, output_dir)
     return merged
 
 

@@ -7,6 +7,7 @@ Each process opens only the shards that hold its own stage's tensors (found thro
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,20 @@ import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# A model directory's tokenizer and chat template files (the tokenizer's cache key, and copied with every export).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Copied beside exported weights so that the export loads on its own.
+EXPORTED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,13 @@ LEGACY_EXPERTS: dict[str, LegacyExperts] = {
     "qwen3_moe": LegacyExperts(".mlp.", ".mlp.", "gate_proj", "up_proj", "down_proj"),
     "olmoe": LegacyExperts(".mlp.", ".mlp.", "gate_proj", "up_proj", "down_proj"),
 }
+
+
+def copy_tokenizer_files(model_dir: Path, directory: Path) -> None:
+    """Copies the tokenizer (and chat template, generation config) files of ``model_dir`` into ``directory``."""
+    for name in EXPORTED_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, Path(directory) / name)
 
 
 class CheckpointReader:

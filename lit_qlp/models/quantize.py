@@ -25,19 +25,25 @@ class Quantization:
     blocksize: int = 64
 
 
+def import_bitsandbytes():
+    """The bitsandbytes module, or a clear error saying how to get it (QLoRA needs it)."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise RuntimeError(
+            f"model.mode=qlora needs bitsandbytes, which failed to import ({error}); "
+            "install it with `pip install bitsandbytes` or use model.mode=lora"
+        ) from error
+    return bitsandbytes
+
+
 def check_bitsandbytes(device: torch.device) -> None:
     """Raises a clear error unless bitsandbytes can quantise and multiply 4-bit weights on ``device``.
 
     Runs one tiny quantise + 4-bit matmul there, which is what fails when bitsandbytes lacks its binary for this
     CUDA version (or is a CPU-only build on a GPU machine).
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError as error:
-        raise RuntimeError(
-            f"model.mode=qlora needs bitsandbytes, which failed to import ({error}); "
-            "install it with `pip install bitsandbytes` or use model.mode=lora"
-        ) from error
+    bnb = import_bitsandbytes()
     try:
         weight = torch.randn(64, 64, device=device, dtype=torch.float32)
         packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
@@ -95,4 +101,4 @@ def quantize_linears(module: nn.Module, quantization: Quantization) -> list[str]
     return replaced
 
 
-__all__ = ["Quantization", "check_bitsandbytes", "quantize_linears"]
+__all__ = ["Quantization", "check_bitsandbytes", "import_bitsandbytes", "quantize_linears"]
