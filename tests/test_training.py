@@ -207,28 +207,29 @@ def four_sequence_reference(tiny_model, corpus, tmp_path_factory) -> dict[int, f
 FOUR_PROCESSES = ("--trainer.max_steps=4", "--trainer.strategy.pipeline_stages=2")
 
 
-def test_two_stages_times_two_replicas_column_major(tiny_model, corpus, four_sequence_reference, tmp_path):
+@pytest.mark.parametrize("column_major", [True, False], ids=["column_major", "row_major"])
+def test_two_stages_times_two_replicas(tiny_model, corpus, four_sequence_reference, tmp_path, column_major):
     run_cli(
         fit_args(tiny_model("llama"), corpus, tmp_path, *FOUR_PROCESSES, "--trainer.devices=4")
-        + ["--trainer.strategy.use_column_major_topology=true"],
+        + [f"--trainer.strategy.use_column_major_topology={str(column_major).lower()}"],
         ROOT,
     )
     assert_same_losses(tmp_path, four_sequence_reference, 4)
 
 
-def test_simulated_two_nodes_under_the_deepspeed_launcher(tiny_model, corpus, four_sequence_reference, tmp_path):
-    """2 nodes × 2 processes on one machine, each node started as DeepSpeed's runner starts it over ssh."""
-    import base64
+def run_two_simulated_nodes(tiny_model, corpus, four_sequence_reference, tmp_path, launcher) -> None:
+    """2 nodes × 2 processes on one machine: ``launcher(node_rank, port)`` is the command line starting one node.
 
-    world = base64.urlsafe_b64encode(json.dumps({"node0": [0, 1], "node1": [0, 1]}).encode()).decode()
+    Checks that every node exits cleanly, that the launcher's global ranks were used (node 0 runs ranks 0-1, stage
+    0 of both replicas; node 1 ranks 2-3, stage 1) and that the losses are the one-process losses.
+    """
     args = fit_args(tiny_model("llama"), corpus, tmp_path, *FOUR_PROCESSES, "--trainer.devices=2")
     args.append("--trainer.num_nodes=2")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    port = str(29000 + os.getpid() % 1000)
+    port = str(28000 + os.getpid() % 2000)
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}", f"--node_rank={rank}"]
-            + ["--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", "--module", "lit_qlp", *args],
+            [sys.executable, "-m", *launcher(rank, port), "lit_qlp", *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -240,9 +241,38 @@ def test_simulated_two_nodes_under_the_deepspeed_launcher(tiny_model, corpus, fo
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-6000:]
-    # Ranks 0-1 (node 0) hold stage 0 of both replicas, ranks 2-3 (node 1) stage 1: the launcher's ranks were used.
     assert "ProcessCoord(pipe=1, data=1): 3" in outputs[0]
     assert_same_losses(tmp_path, four_sequence_reference, 4)
+
+
+def test_simulated_two_nodes_under_torchrun(tiny_model, corpus, four_sequence_reference, tmp_path):
+    """Each node started by its own torchrun, as on a cluster."""
+
+    def torchrun(rank: int, port: str) -> list[str]:
+        return ["torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=2"] + [
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "-m",
+        ]
+
+    run_two_simulated_nodes(tiny_model, corpus, four_sequence_reference, tmp_path, torchrun)
+
+
+def test_simulated_two_nodes_under_the_deepspeed_launcher(tiny_model, corpus, four_sequence_reference, tmp_path):
+    """Each node started as DeepSpeed's runner starts it over ssh."""
+    import base64
+
+    world = base64.urlsafe_b64encode(json.dumps({"node0": [0, 1], "node1": [0, 1]}).encode()).decode()
+
+    def deepspeed_launch(rank: int, port: str) -> list[str]:
+        return ["deepspeed.launcher.launch", f"--world_info={world}", f"--node_rank={rank}"] + [
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "--no_local_rank",
+            "--module",
+        ]
+
+    run_two_simulated_nodes(tiny_model, corpus, four_sequence_reference, tmp_path, deepspeed_launch)
 
 
 def trained_rows(root: Path) -> dict[int, list[str]]:

@@ -16,6 +16,7 @@ from lit_qlp.kernels import cross_entropy
 from lit_qlp.kernels.cross_entropy import IGNORE_INDEX, TokenWeightedLoss
 from lit_qlp.strategies.partition import (
     check_partition_method,
+    compute_weights,
     partition_balanced,
     partition_layers,
     partition_uniform,
@@ -127,7 +128,27 @@ def test_partition_layers_dispatch():
     assert partition_layers("parameters", 3, counts, LAYER_TYPES) == partition_balanced(counts, 3)
 
 
-@pytest.mark.parametrize("method", ["uniform", "parameters", "type:decoder", "type:Decoder|Embed", "type:^Output"])
+def test_compute_weights_count_matmul_flop_per_token():
+    # Llama-3-8B: embedding and head 128256 x 4096, decoder layers 218.1 M weights (4 attention + 3 MLP matrices).
+    hidden, vocab, layer = 4096, 128256, 4096 * (4096 * 2 + 1024 * 2) + 3 * 4096 * 14336
+    counts = [vocab * hidden, *([layer] * 32), vocab * hidden]
+    weights = compute_weights(counts, recomputed=True)
+    assert weights[0] == 0  # a lookup: no matmul
+    assert weights[1:-1] == [3 * 2 * layer] * 32  # forward, recomputation, input gradient: 2 FLOP per weight each
+    assert weights[-1] == 2 * 2 * vocab * hidden  # head: forward and input gradient, never recomputed
+    assert compute_weights(counts, recomputed=False)[1] == 2 * 2 * layer
+    # Two stages: the embedding's weights cost no time, the head's do, so stage 0 takes one layer more.
+    assert partition_layers("parameters", 2, counts, ["x"] * 34) == [0, 17, 34]  # 16 + 16 decoder layers
+    parts = partition_layers("compute", 2, counts, ["x"] * 34)
+    assert parts == [0, 18, 34]  # 17 decoder layers | 15 + the head
+    loads = stage_loads(weights, parts)
+    assert max(loads) == brute_force_min_max(weights, 2)
+    assert max(loads) < max(stage_loads(weights, [0, 17, 34]))
+
+
+@pytest.mark.parametrize(
+    "method", ["compute", "uniform", "parameters", "type:decoder", "type:Decoder|Embed", "type:^Output"]
+)
 def test_check_partition_method_accepts(method):
     check_partition_method(method)
 

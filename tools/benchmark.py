@@ -18,6 +18,9 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-full``: full fine-tuning, bf16 weights, optimi Adam with Kahan summation.
 - ``lit-lora-fast`` / ``lit-qlora-fast``: the low-rank path computed in bf16 (``lora_compute_in_weight_dtype:
   false``).
+- ``lit-lora-compile`` / ``lit-qlora-compile``: the fast path with each decoder layer under ``torch.compile``
+  (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload``
+  ``activation_offload``.
 
 Hugging Face baselines (one optimizer step per sequence, non-reentrant activation checkpointing, AdamW, SDPA):
 
@@ -218,6 +221,17 @@ LIT_MODES = {
     "lit-full": dict(mode="full"),
     "lit-lora-fast": dict(mode="lora", lora_compute_in_weight_dtype=False),
     "lit-qlora-fast": dict(mode="qlora", lora_compute_in_weight_dtype=False),
+    "lit-lora-compile": dict(mode="lora", lora_compute_in_weight_dtype=False, compile_layers=True),
+    "lit-qlora-compile": dict(mode="qlora", lora_compute_in_weight_dtype=False, compile_layers=True),
+    "lit-lora-compile-embcpu": dict(
+        mode="lora", lora_compute_in_weight_dtype=False, compile_layers=True, embeddings_on_cpu=True
+    ),
+    "lit-qlora-compile-embcpu": dict(
+        mode="qlora", lora_compute_in_weight_dtype=False, compile_layers=True, embeddings_on_cpu=True
+    ),
+    "lit-lora-compile-offload": dict(
+        mode="lora", lora_compute_in_weight_dtype=False, compile_layers=True, activation_offload=True
+    ),
 }
 
 
@@ -236,7 +250,7 @@ def run_lit(args, mode: str) -> dict:
         profiler = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if args.profile and batch_idx == args.warmup:
+            if args.profile and batch_idx == args.warmup + args.steps:  # one more step, not timed
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device != "cpu":
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -247,13 +261,15 @@ def run_lit(args, mode: str) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             synchronize(device)
-            times.append(time.perf_counter() - self.start)
-            if self.profiler is not None:
+            if self.profiler is None:
+                times.append(time.perf_counter() - self.start)
+            else:
                 self.profiler.__exit__(None, None, None)
-                sort = "cpu_time_total" if device == "cpu" else "cuda_time_total"
-                table = self.profiler.key_averages().table(sort_by=sort, row_limit=40)
+                averages = self.profiler.key_averages()
+                sorts = ["cpu_time_total"] if device == "cpu" else ["cuda_time_total", "self_cuda_time_total"]
+                tables = [f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=40) for sort in sorts]
                 args.profile.mkdir(parents=True, exist_ok=True)
-                (args.profile / f"profile-{mode}.txt").write_text(table)
+                (args.profile / f"profile-{mode}.txt").write_text("\n".join(tables))
                 self.profiler = None
 
     class RandomTokens(pl.LightningDataModule):
@@ -267,12 +283,12 @@ def run_lit(args, mode: str) -> dict:
     strategy_options = {k: options.pop(k) for k in ("activation_checkpointing", "activation_offload") if k in options}
     module = CausalLMModule(args.model_dir, dtype="bfloat16", lora_rank=args.rank, lr=1e-5, **options)
     vocab = module.source.config.vocab_size
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + (1 if args.profile else 0)
     total = steps * args.micro_batches
     strategy = PipelineStrategy(gradient_accumulation_steps=args.micro_batches, **strategy_options)
     trainer = lit_trainer(device, strategy, steps, [StepTimer()])
     trainer.fit(module, RandomTokens())
-    step = statistics.median(times[args.warmup :])
+    step = statistics.median(times[args.warmup : args.warmup + args.steps])
     return {"tokens_per_s": args.micro_batches * args.seq / step, "peak_gib": peak_memory(device)}
 
 
@@ -289,6 +305,11 @@ BASELINE = {
     "lit-full": "hf-full",
     "lit-lora-fast": "hf-lora",
     "lit-qlora-fast": "hf-qlora",
+    "lit-lora-compile": "hf-lora",
+    "lit-qlora-compile": "hf-qlora",
+    "lit-lora-compile-embcpu": "hf-lora",
+    "lit-qlora-compile-embcpu": "hf-qlora",
+    "lit-lora-compile-offload": "hf-lora",
 }
 
 
@@ -308,7 +329,7 @@ def main() -> None:
         "--profile",
         type=Path,
         default=None,
-        help="lit modes: write a torch profiler table of one step after warm-up here",
+        help="lit modes: write a torch profiler table of one more step, after the timed ones, here",
     )
     parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Loss curves of lit_qlp and transformers + PEFT on the same data from the same LoRA initialisation.
 
-    python tools/compare_losses.py --shape llama3-8b --seq 4096 --steps 20 --mode qlora [--fast]
+    python tools/compare_losses.py --shape llama3-8b --seq 4096 --steps 20 --mode qlora [--fast] [--compile]
     python tools/compare_losses.py --shape tiny --seq 128 --steps 5 --mode lora --device cpu --dtype float32
 
 Shows that lit_qlp's speed is not bought with different maths. Both sides train the same random-weight model
@@ -9,7 +9,8 @@ LoRA r = alpha on all linear layers, no dropout, the same initial A and B (lit_q
 Adam with the same settings, a constant learning rate and gradient clipping at 1.0. lit_qlp runs its real path
 (Trainer + PipelineStrategy, one process); the baseline averages the per-sequence losses of a PEFT model (with
 transformers' own non-reentrant activation checkpointing). ``--fast`` sets ``lora_compute_in_weight_dtype:
-false`` on the lit_qlp side. Prints the per-step losses, their relative difference and the largest one.
+false`` on the lit_qlp side, ``--compile`` ``compile_layers: true``. Prints the per-step losses, their relative
+difference and the largest one.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def lit_losses(args, initial: Path) -> list[float]:
         lora_rank=args.rank,
         lr=args.lr,
         lora_compute_in_weight_dtype=not args.fast,
+        compile_layers=args.compile,
     )
     ids = sequences(module.source.config.vocab_size, args)
 
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="default: /tmp/bench-<shape>")
     parser.add_argument("--mode", choices=["lora", "qlora"], default="qlora")
     parser.add_argument("--fast", action="store_true", help="lit_qlp with lora_compute_in_weight_dtype: false")
+    parser.add_argument("--compile", action="store_true", help="lit_qlp with compile_layers: true")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--micro-batches", type=int, default=8)
@@ -140,7 +143,8 @@ def main() -> None:
         reference = peft_losses(args, initial)
     differences = [abs(a - b) / abs(b) for a, b in zip(lit, reference)]
     print(
-        f"\n{args.mode}{' (LoRA path in the activation dtype)' if args.fast else ''}, shape {args.shape}, seq "
+        f"\n{args.mode}{' (LoRA path in the activation dtype)' if args.fast else ''}"
+        f"{' (decoder layers compiled)' if args.compile else ''}, shape {args.shape}, seq "
         f"{args.seq}, {args.micro_batches} sequences per step, {args.dtype}"
     )
     print("| step | lit_qlp loss | transformers + PEFT loss | relative difference |")

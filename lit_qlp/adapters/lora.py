@@ -92,10 +92,21 @@ def composite_decay_(lora: LoraLinear, lr: float, weight_decay: float) -> None:
 
 
 @torch.no_grad()
+def _update_norm(lora: LoraLinear) -> torch.Tensor:
+    a, b = lora.lora_A.weight.float(), lora.lora_B.weight.float()
+    return ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt()
+
+
 def update_norm(lora: LoraLinear) -> float:
     """‖BA‖_F of a LoRA pair, as ``sqrt(Σ (BᵀB) ∘ (AAᵀ))`` in rank space (the out × in product is never formed)."""
-    a, b = lora.lora_A.weight.float(), lora.lora_B.weight.float()
-    return float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+    return float(_update_norm(lora))
+
+
+def update_norms(loras: Sequence[LoraLinear]) -> list[float]:
+    """``update_norm`` of each LoRA pair, read back from the device in one transfer (one synchronisation)."""
+    if not loras:
+        return []
+    return torch.stack([_update_norm(lora) for lora in loras]).tolist()
 
 
 class LoraAdapter:
@@ -215,6 +226,7 @@ __all__ = [
     "LoraLinear",
     "composite_decay_",
     "update_norm",
+    "update_norms",
     "lora_tensors",
     "peft_adapter_config",
     "save_peft_adapter",

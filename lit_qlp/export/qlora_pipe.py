@@ -7,7 +7,7 @@ where each key goes. Only the keys the TOML sets are written (besides ``model.mo
 default. Where the two programs' defaults differ:
 
 - ``evals_per_epoch``: qlora-pipe-lite 10, lit-qlp 1.
-- ``partition_method``: qlora-pipe-lite "uniform", lit-qlp "parameters".
+- ``partition_method``: qlora-pipe-lite "uniform", lit-qlp "compute".
 - ``eval_gradient_accumulation_steps``: qlora-pipe-lite 1, lit-qlp ``gradient_accumulation_steps``.
 - ``output_dir``: qlora-pipe-lite writes each run into a new timestamped directory below it; lit-qlp uses
   ``trainer.default_root_dir`` itself (``--ckpt_path last`` resumes there).

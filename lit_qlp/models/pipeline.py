@@ -233,9 +233,16 @@ class DecoderLayerPipe(nn.Module):
         source: The model directory.
         index: Index of the decoder layer.
         adapter: Adds adapters (LoRA, ...) to the layer, or None.
+        compile: Run the rotary embedding and the HF layer with its adapters through ``torch.compile``:
+            elementwise chains (norms, rotary, SwiGLU, residuals, LoRA additions) fuse into few kernels and far
+            fewer launches. Every layer shares the compiled code. The attention mask stays eager: traced,
+            transformers materialises even a plain causal mask, and SDPA with a mask tensor is about 3x slower than
+            its causal kernel (measured on an H200).
     """
 
-    def __init__(self, source: ModelSource, index: int, adapter: LayerAdapter | None = None) -> None:
+    def __init__(
+        self, source: ModelSource, index: int, adapter: LayerAdapter | None = None, compile: bool = False
+    ) -> None:
         super().__init__()
         self.index = index
         self.hf_prefix = f"model.layers.{index}"
@@ -247,6 +254,9 @@ class DecoderLayerPipe(nn.Module):
         self.rotary_emb = source.rotary_embedding()
         if adapter is not None:
             self.layer = adapter(self.layer, index, self.hf_prefix)
+        if compile:
+            self.layer.compile()
+            self.rotary_emb.compile()
 
     def attention_mask(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-PARTITION_METHODS = ("uniform", "parameters", "type:REGEX")
+PARTITION_METHODS = ("compute", "uniform", "parameters", "type:REGEX")
 
 
 def check_partition_method(method: str) -> None:
-    """Raises ValueError unless ``method`` is "uniform", "parameters" or "type:REGEX" with a valid regex."""
-    if method in ("uniform", "parameters"):
+    """Raises ValueError unless ``method`` is "compute", "uniform", "parameters" or "type:REGEX" (a valid regex)."""
+    if method in ("compute", "uniform", "parameters"):
         return
     if method.startswith("type:"):
         try:
@@ -20,7 +20,7 @@ def check_partition_method(method: str) -> None:
         if method[5:]:
             return
     raise ValueError(
-        f"partition_method={method!r} is not one of 'uniform', 'parameters' or 'type:REGEX' "
+        f"partition_method={method!r} is not one of 'compute', 'uniform', 'parameters' or 'type:REGEX' "
         "(for example 'type:decoder', matched against the layer class names)"
     )
 
@@ -87,16 +87,46 @@ def partition_uniform(num_items: int, num_stages: int) -> list[int]:
     return parts
 
 
+def compute_weights(parameter_counts: Sequence[float], recomputed: bool) -> list[float]:
+    """Matmul work per token of each pipeline layer ``[embedding, decoder layers..., head]``, in FLOP.
+
+    A layer's weights cost 2 FLOP per weight and token per pass. The embedding (the first layer) is a lookup:
+    no matmul, no cost. A decoder layer makes a forward pass and an input-gradient pass, plus a recomputation
+    when activations are checkpointed: ``(6 if recomputed else 4) · parameters``. The head (the last layer,
+    applied by the fused loss, never recomputed) makes two: ``4 · parameters``. Weight gradients of trained
+    weights (full fine-tuning) are left out; with LoRA they are negligible.
+    """
+    if len(parameter_counts) < 2:
+        return [float(c) for c in parameter_counts]
+    decoder = 6.0 if recomputed else 4.0
+    return [0.0] + [decoder * c for c in parameter_counts[1:-1]] + [4.0 * parameter_counts[-1]]
+
+
 def partition_layers(
-    method: str, num_stages: int, parameter_counts: Sequence[float], layer_types: Sequence[str]
+    method: str,
+    num_stages: int,
+    parameter_counts: Sequence[float],
+    layer_types: Sequence[str],
+    recomputed: bool = True,
 ) -> list[int]:
     """Stage boundaries for ``method``.
 
+    - "compute": balance the matmul work of ``compute_weights`` (the head's matmul and loss count, the
+      embedding lookup does not).
     - "uniform": the same number of layers on each stage.
     - "parameters": balance the parameter counts (taken from the config, never by building layers).
     - "type:REGEX": balance the number of layers whose class name matches REGEX (case-insensitive).
+
+    Args:
+        method: One of the above.
+        num_stages: Number of pipeline stages.
+        parameter_counts: Parameters of each pipeline layer, ``[embedding, decoder layers..., head]``.
+        layer_types: Class name of each pipeline layer (for "type:REGEX").
+        recomputed: Decoder layers are activation-checkpointed (for "compute").
     """
     check_partition_method(method)
+    if method == "compute":
+        return partition_balanced(compute_weights(parameter_counts, recomputed), num_stages)
     if method == "uniform":
         return partition_uniform(len(parameter_counts), num_stages)
     if method == "parameters":

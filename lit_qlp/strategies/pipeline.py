@@ -85,9 +85,12 @@ class PipelineStrategy(DDPStrategy):
             replica. Use this instead of the Trainer's ``accumulate_grad_batches``.
         gradient_clipping: Clip the global gradient norm to this value (0 disables). Use this instead of the
             Trainer's ``gradient_clip_val``.
-        partition_method: How layers are spread over stages: "uniform" (same number of layers), "parameters"
-            (balance parameter counts, counted from the config) or "type:REGEX" (balance the layers whose class
-            name matches REGEX, e.g. "type:decoder").
+        partition_method: How layers are spread over stages: "compute" (balance the matmul work per token: the
+            embedding lookup costs nothing, the last stage's head + loss counts as 4 FLOP per head weight, each
+            decoder layer as 6 per weight with activation checkpointing, 4 without; see
+            ``partition.compute_weights``), "uniform" (same number of layers), "parameters" (balance parameter
+            counts, counted from the config) or "type:REGEX" (balance the layers whose class name matches
+            REGEX, e.g. "type:decoder").
         use_column_major_topology: Number the ranks pipeline-first: ranks ``0..S-1`` are the S stages of replica
             0, so a whole pipeline sits on consecutive ranks (one node) and activations stay inside a node while
             the gradient all-reduce crosses nodes. By default (DeepSpeed's layout) ranks ``0..D-1`` are stage 0 of
@@ -114,7 +117,7 @@ class PipelineStrategy(DDPStrategy):
         pipeline_stages: int = 1,
         gradient_accumulation_steps: int = 1,
         gradient_clipping: float = 1.0,
-        partition_method: str = "parameters",
+        partition_method: str = "compute",
         use_column_major_topology: bool = False,
         activation_checkpointing: bool = True,
         activation_offload: bool = False,
@@ -244,6 +247,7 @@ class PipelineStrategy(DDPStrategy):
             self.pipeline_stages,
             spec.parameter_counts,
             [layer.typename.__name__ for layer in spec.layers],
+            recomputed=self.activation_checkpointing,
         )
         with _default_dtype(torch.float32):
             pipe = _pipeline_module_class()(
