@@ -106,6 +106,9 @@ class CausalLMModule(pl.LightningModule):
             each shape (training, evaluation) compiles first, about a minute on an 8B model; after a second
             sequence length the code is recompiled for any length.
         trust_remote_code: Allow custom model code from ``model_dir``'s config.
+        random_weights: Random weights instead of ``model_dir``'s checkpoint (which then needs only
+            ``config.json``): for measuring the speed and memory of a shape without its weights, as
+            ``tools/benchmark.py --random-weights`` does; the trained result means nothing.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class CausalLMModule(pl.LightningModule):
         loss_chunk_size: int = 1024,
         compile_layers: bool = False,
         trust_remote_code: bool = False,
+        random_weights: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -184,7 +188,12 @@ class CausalLMModule(pl.LightningModule):
         self.betas = tuple(betas)
         self.eps = eps
         self.source = ModelSource(
-            self.model_dir, dtype, attn_implementation, trust_remote_code=trust_remote_code, quantization=quantization
+            self.model_dir,
+            dtype,
+            attn_implementation,
+            trust_remote_code=trust_remote_code,
+            quantization=quantization,
+            random_weights=random_weights,
         )
         num_layers = self.source.quirks.num_layers
         self.adapter_layers = parse_layer_ranges(layers_to_transform, num_layers, key="model.layers_to_transform")

@@ -4,9 +4,15 @@
     python tools/benchmark.py --shape llama3-8b --modes lit-lora,hf-lora
     python tools/benchmark.py --shape llama-1b --modes lit-full,hf-full
     python tools/benchmark.py --shape tiny --seq 128 --device cpu --modes lit-lora,hf-lora   # a smoke run anywhere
+    python tools/benchmark.py --shape llama3-70b --random-weights --devices 2 --pipeline-stages 2 --modes lit-lora-fast
 
 Builds a model of the given shape with random weights (throughput and memory do not depend on the values) and
-saves it to ``--model-dir``, then runs each mode in a fresh process so that peak memory is its own.
+saves it to ``--model-dir``, then runs each mode in a fresh process so that peak memory is its own. With
+``--random-weights`` only the config is written and lit_qlp fills each stage's weights on its own device
+(``random_weights``): for shapes whose checkpoint would not fit the disk (lit modes only).
+
+``--devices N --pipeline-stages S`` runs the lit modes in N processes, S pipeline stages × N/S data-parallel
+replicas; tokens/s then counts every replica's sequences, and the peak memory of each process is reported.
 
 lit_qlp modes (Trainer + CausalLMModule + PipelineStrategy, one process, one stage, ``--micro-batches`` sequences
 per optimizer step, activation checkpointing unless the mode says otherwise):
@@ -73,6 +79,18 @@ SHAPES = {
         rope_theta=500000.0,
         tie_word_embeddings=True,
     ),
+    # A 70B-class Llama: 140 GB of bf16 weights (use --random-weights).
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,
@@ -86,13 +104,17 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, model_dir: Path, device: str) -> None:
-    """Saves a random-weight Llama of ``shape`` in bf16 safetensors to ``model_dir`` (skipped if present)."""
+def build_model(shape: str, model_dir: Path, device: str, config_only: bool = False) -> None:
+    """Saves a random-weight Llama of ``shape`` in bf16 safetensors to ``model_dir`` (skipped if present), or
+    only its ``config.json`` with ``config_only``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (model_dir / "config.json").is_file():
         return
     config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    if config_only:
+        config.save_pretrained(model_dir)
+        return
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(model_dir)
@@ -143,14 +165,14 @@ def peak_memory(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else float("nan")
 
 
-def lit_trainer(device: str, strategy, max_steps: int, callbacks: list):
-    """A bare Trainer for lit_qlp's real path: one process, no logging, checkpoints, progress or evaluation, the
-    sequences in the order the DataLoader gives them."""
+def lit_trainer(device: str, strategy, max_steps: int, callbacks: list, devices: int = 1):
+    """A bare Trainer for lit_qlp's real path: ``devices`` processes, no logging, checkpoints, progress or
+    evaluation, the sequences in the order the DataLoader gives them."""
     import lightning.pytorch as pl
 
     return pl.Trainer(
         accelerator="cpu" if device == "cpu" else "gpu",
-        devices=1,
+        devices=devices,
         strategy=strategy,
         max_steps=max_steps,
         logger=False,
@@ -248,6 +270,10 @@ def run_lit(args, mode: str) -> dict:
 
     class StepTimer(pl.Callback):
         profiler = None
+        peaks: list[float] = []
+
+        def on_train_end(self, trainer, pl_module):
+            self.peaks = trainer.strategy.all_gather_object(peak_memory(device))
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if args.profile and batch_idx == args.warmup + args.steps:  # one more step, not timed
@@ -281,15 +307,30 @@ def run_lit(args, mode: str) -> dict:
 
     options = dict(LIT_MODES[mode])
     strategy_options = {k: options.pop(k) for k in ("activation_checkpointing", "activation_offload") if k in options}
-    module = CausalLMModule(args.model_dir, dtype="bfloat16", lora_rank=args.rank, lr=1e-5, **options)
+    module = CausalLMModule(
+        args.model_dir, dtype="bfloat16", lora_rank=args.rank, lr=1e-5, random_weights=args.random_weights, **options
+    )
     vocab = module.source.config.vocab_size
+    replicas = args.devices // args.pipeline_stages
     steps = args.warmup + args.steps + (1 if args.profile else 0)
-    total = steps * args.micro_batches
-    strategy = PipelineStrategy(gradient_accumulation_steps=args.micro_batches, **strategy_options)
-    trainer = lit_trainer(device, strategy, steps, [StepTimer()])
+    total = steps * args.micro_batches * replicas
+    strategy = PipelineStrategy(
+        pipeline_stages=args.pipeline_stages,
+        gradient_accumulation_steps=args.micro_batches,
+        partition_method=args.partition_method,
+        **strategy_options,
+    )
+    timer = StepTimer()
+    trainer = lit_trainer(device, strategy, steps, [timer], devices=args.devices)
     trainer.fit(module, RandomTokens())
+    if trainer.global_rank != 0:
+        return None
     step = statistics.median(times[args.warmup : args.warmup + args.steps])
-    return {"tokens_per_s": args.micro_batches * args.seq / step, "peak_gib": peak_memory(device)}
+    return {
+        "tokens_per_s": replicas * args.micro_batches * args.seq / step,
+        "peak_gib": max(timer.peaks),
+        "peak_gib_per_process": timer.peaks,
+    }
 
 
 RUNNERS = {
@@ -331,19 +372,33 @@ def main() -> None:
         default=None,
         help="lit modes: write a torch profiler table of one more step, after the timed ones, here",
     )
+    parser.add_argument("--devices", type=int, default=1, help="lit modes: processes (one GPU each)")
+    parser.add_argument("--pipeline-stages", type=int, default=1, help="lit modes: pipeline stages")
+    parser.add_argument("--partition-method", default="compute", help="lit modes: the strategy's partition_method")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="write only the config; lit_qlp fills random weights on each stage's device (lit modes only)",
+    )
     parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model_dir = args.model_dir or Path(f"/tmp/bench-{args.shape}")
 
+    if args.devices % args.pipeline_stages:
+        parser.error(f"--devices={args.devices} must be a multiple of --pipeline-stages={args.pipeline_stages}")
     if args.run:
-        print("RESULT " + json.dumps(RUNNERS[args.run](args)), flush=True)
+        result = RUNNERS[args.run](args)
+        if result is not None:  # data-parallel and later-stage processes of a multi-process run report nothing
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in RUNNERS]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {sorted(RUNNERS)}")
-    build_model(args.shape, args.model_dir, args.device)
+    if args.random_weights and any(m.startswith("hf-") for m in modes):
+        parser.error("--random-weights: the hf-* modes read a saved checkpoint; run them without it")
+    build_model(args.shape, args.model_dir, args.device, config_only=args.random_weights)
     flops = matmul_flops(args.device)
     limit = flops / (6 * linear_parameters(args.model_dir))
     results = {}
@@ -360,22 +415,25 @@ def main() -> None:
         results[mode] = json.loads(lines[-1][len("RESULT ") :])
         print(f"{mode}: {results[mode]}", flush=True)
 
+    layout = f"{args.devices} processes, {args.pipeline_stages} stages ({args.partition_method})"
     print(
         f"\nshape {args.shape}, seq {args.seq}, LoRA r={args.rank}, matmul {flops / 1e12:.0f} TFLOP/s, "
-        f"limit {limit:,.0f} tokens/s"
+        f"limit {limit:,.0f} tokens/s per GPU" + (f"; lit modes: {layout}" if args.devices > 1 else "")
     )
-    print("| mode | seq | tokens/s | peak GPU memory (GiB) | vs baseline | of physical limit |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| mode | seq | tokens/s | peak GPU memory (GiB) | vs baseline | of physical limit | peak per process |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode, r in results.items():
         if "error" in r:
-            print(f"| {mode} | {args.seq} | failed: {r['error']} | | | |")
+            print(f"| {mode} | {args.seq} | failed: {r['error']} | | | | |")
             continue
         base = results.get(BASELINE.get(mode, ""))
         base = base if base and "error" not in base else None
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "baseline"
+        gpus = args.devices if mode.startswith("lit-") else 1
+        peaks = ", ".join(f"{p:.2f}" for p in r.get("peak_gib_per_process", [r["peak_gib"]]))
         print(
             f"| {mode} | {args.seq} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} | "
-            f"{r['tokens_per_s'] / limit:.1%} |"
+            f"{r['tokens_per_s'] / (limit * gpus):.1%} | {peaks} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"limit": limit, "matmul_flops": flops, "results": results}, indent=2))

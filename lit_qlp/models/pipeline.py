@@ -97,6 +97,9 @@ class ModelSource:
         quantization: Store the decoder layers' linear weights in 4-bit (QLoRA), quantised as each layer loads.
         trainable: ``trainable(hf_parameter_name)`` says which loaded parameters train (full fine-tuning); all
             are frozen when None.
+        random_weights: Fill the weights with random values (normal, std 0.02; norm weights 1, biases 0) on their
+            device instead of reading them: ``model_dir`` then needs only ``config.json``. For measuring the speed
+            and memory of a shape whose checkpoint is not at hand (or would not fit the disk).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class ModelSource:
         trust_remote_code: bool = False,
         quantization: Quantization | None = None,
         trainable: Callable[[str], bool] | None = None,
+        random_weights: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -124,7 +128,9 @@ class ModelSource:
         self.config._attn_implementation = attn_implementation
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
-        self.reader = CheckpointReader(self.model_dir, self.quirks.model_type, self.quirks.tie_word_embeddings)
+        self.reader = None
+        if not random_weights:
+            self.reader = CheckpointReader(self.model_dir, self.quirks.model_type, self.quirks.tie_word_embeddings)
 
     def __repr__(self) -> str:
         return f"ModelSource({self.model_dir.name})"
@@ -161,6 +167,9 @@ class ModelSource:
                     self.skeleton._init_weights(sub)
         with torch.no_grad():
             for param_name, tensor in module.state_dict(keep_vars=True).items():
+                if self.reader is None:
+                    _fill_random(param_name, tensor)
+                    continue
                 source = self.reader.get(f"{name}.{param_name}")
                 if source.shape != tensor.shape:
                     raise ValueError(
@@ -172,6 +181,18 @@ class ModelSource:
     def rotary_embedding(self) -> nn.Module:
         """A fresh rotary-embedding module (its inverse frequencies are computed, not loaded)."""
         return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
+
+
+def _fill_random(name: str, tensor: torch.Tensor) -> None:
+    """Random stand-in for a checkpoint tensor: norm weights 1, biases 0, everything else normal with std 0.02."""
+    if not tensor.is_floating_point():
+        tensor.zero_()
+    elif name.endswith("bias"):
+        tensor.zero_()
+    elif tensor.dim() == 1 and "norm" in name:
+        tensor.fill_(1.0)
+    else:
+        tensor.normal_(0.0, 0.02)
 
 
 LayerAdapter = Callable[[nn.Module, int, str], nn.Module]
