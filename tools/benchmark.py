@@ -54,41 +54,35 @@ from pathlib import Path
 
 import torch
 
+LLAMA3 = dict(num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+"""What the Llama 3 family shares."""
+
 SHAPES = {
     # Llama-3-8B: the reference shape of ../shared/gpu/README.md.
     "llama3-8b": dict(
+        LLAMA3,
         hidden_size=4096,
         intermediate_size=14336,
         num_hidden_layers=32,
         num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
         tie_word_embeddings=False,
     ),
     # Llama-3.2-1B: tied embeddings.
     "llama-1b": dict(
+        LLAMA3,
         hidden_size=2048,
         intermediate_size=8192,
         num_hidden_layers=16,
         num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
         tie_word_embeddings=True,
     ),
     # A 70B-class Llama: 140 GB of bf16 weights (use --random-weights).
     "llama3-70b": dict(
+        LLAMA3,
         hidden_size=8192,
         intermediate_size=28672,
         num_hidden_layers=80,
         num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
         tie_word_embeddings=False,
     ),
     "tiny": dict(
