@@ -88,6 +88,32 @@ def test_every_decoder_layer_shares_the_compiled_code(tiny_model):
     assert counters["stats"]["unique_graphs"] == after_one  # the second layer compiled nothing new
 
 
+def test_compiled_lora_dropout_is_replayed_by_the_checkpoint_recomputation(tiny_model):
+    """Checkpointed, the backward recomputes the layer: its dropout masks must be the forward's. With the same seed,
+    the checkpointed gradient equals the gradient of a plain forward exactly when they are."""
+
+    def input_gradient(compile: bool, checkpointed: bool, seed: int = 123):
+        torch._dynamo.reset()
+        source = ModelSource(tiny_model("llama"), dtype="float32")
+        adapter = LoraAdapter(4, 8, 0.5, "all-linear", [0], torch.float32, seed=0, compute_in_input_dtype=True)
+        layer = DecoderLayerPipe(source, 0, adapter, compile=compile)
+        generator = torch.Generator().manual_seed(1)
+        for module in layer.modules():
+            if isinstance(module, LoraLinear):
+                module.lora_B.weight.data.copy_(torch.randn(module.lora_B.weight.shape, generator=generator) * 0.1)
+        hidden = torch.randn(1, SEQ, source.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        hidden.requires_grad_()
+        x = (hidden, torch.arange(SEQ).unsqueeze(0), torch.zeros(1, SEQ, dtype=torch.long))
+        torch.manual_seed(seed)
+        out = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        out[0].square().mean().backward()
+        return hidden.grad
+
+    plain = input_gradient(compile=True, checkpointed=False)
+    torch.testing.assert_close(input_gradient(compile=True, checkpointed=True), plain, rtol=0, atol=0)
+    assert not torch.equal(input_gradient(compile=True, checkpointed=False, seed=7), plain)  # dropout is active
+
+
 @pytest.mark.slow
 def test_compiled_training_run_gives_the_eager_losses(tiny_model, corpus, tmp_path):
     model_dir = tiny_model("llama")

@@ -9,6 +9,8 @@ from the checkpoint as it is built, so a process holds nothing but its own stage
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +185,13 @@ class ModelSource:
         return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
 
 
+@functools.cache
+def _cache_keyword(mask_function: Callable) -> str:
+    """The name of the KV-cache argument of transformers' mask functions ("cache" since 5.24, before it
+    "past_key_values", which 5.24 still takes with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(mask_function).parameters else "past_key_values"
+
+
 def _fill_random(name: str, tensor: torch.Tensor) -> None:
     """Random stand-in for a checkpoint tensor: norm weights 1, biases 0, everything else normal with std 0.02."""
     if not tensor.is_floating_point():
@@ -283,12 +292,9 @@ class DecoderLayerPipe(nn.Module):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         make = create_sliding_window_causal_mask if self.attention_type == "sliding_attention" else create_causal_mask
+        no_cache = {_cache_keyword(make): None}
         return make(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
+            config=self.config, inputs_embeds=hidden_states, attention_mask=None, position_ids=position_ids, **no_cache
         )
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
