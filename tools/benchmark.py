@@ -12,7 +12,9 @@ saves it to ``--model-dir``, then runs each mode in a fresh process so that peak
 (``random_weights``): for shapes whose checkpoint would not fit the disk (lit modes only).
 
 ``--devices N --pipeline-stages S`` runs the lit modes in N processes, S pipeline stages × N/S data-parallel
-replicas; tokens/s then counts every replica's sequences, and the peak memory of each process is reported.
+replicas; tokens/s then counts every replica's sequences, and the peak memory of each process is reported. With
+``--profile`` each process also reports its GPU kernel time in the profiled step: how busy each stage is, which
+is what ``--partition-method`` choices trade.
 
 lit_qlp modes (Trainer + CausalLMModule + PipelineStrategy, one process, one stage, ``--micro-batches`` sequences
 per optimizer step, activation checkpointing unless the mode says otherwise):
@@ -159,6 +161,18 @@ def peak_memory(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else float("nan")
 
 
+def kernel_seconds(averages) -> float:
+    """GPU kernel time in a profile (the profiler table's "Self CUDA time total"), in seconds."""
+    from torch.autograd import DeviceType
+
+    total = sum(
+        e.self_device_time_total
+        for e in averages
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    )
+    return total / 1e6
+
+
 def lit_trainer(device: str, strategy, max_steps: int, callbacks: list, devices: int = 1):
     """A bare Trainer for lit_qlp's real path: ``devices`` processes, no logging, checkpoints, progress or
     evaluation, the sequences in the order the DataLoader gives them."""
@@ -265,9 +279,12 @@ def run_lit(args, mode: str) -> dict:
     class StepTimer(pl.Callback):
         profiler = None
         peaks: list[float] = []
+        busy: list[float | None] = []
+        kernel_seconds: float | None = None
 
         def on_train_end(self, trainer, pl_module):
             self.peaks = trainer.strategy.all_gather_object(peak_memory(device))
+            self.busy = trainer.strategy.all_gather_object(self.kernel_seconds)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if args.profile and batch_idx == args.warmup + args.steps:  # one more step, not timed
@@ -289,7 +306,9 @@ def run_lit(args, mode: str) -> dict:
                 sorts = ["cpu_time_total"] if device == "cpu" else ["cuda_time_total", "self_cuda_time_total"]
                 tables = [f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=40) for sort in sorts]
                 args.profile.mkdir(parents=True, exist_ok=True)
-                (args.profile / f"profile-{mode}.txt").write_text("\n".join(tables))
+                suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+                (args.profile / f"profile-{mode}{suffix}.txt").write_text("\n".join(tables))
+                self.kernel_seconds = kernel_seconds(averages)
                 self.profiler = None
 
     class RandomTokens(pl.LightningDataModule):
@@ -320,11 +339,15 @@ def run_lit(args, mode: str) -> dict:
     if trainer.global_rank != 0:
         return None
     step = statistics.median(times[args.warmup : args.warmup + args.steps])
-    return {
+    result = {
         "tokens_per_s": replicas * args.micro_batches * args.seq / step,
         "peak_gib": max(timer.peaks),
         "peak_gib_per_process": timer.peaks,
+        "step_s": step,
     }
+    if args.profile:
+        result["kernel_s_per_process"] = timer.busy  # per pipeline stage: how busy its GPU was in one step
+    return result
 
 
 RUNNERS = {
@@ -364,7 +387,8 @@ def main() -> None:
         "--profile",
         type=Path,
         default=None,
-        help="lit modes: write a torch profiler table of one more step, after the timed ones, here",
+        help="lit modes: write a torch profiler table of one more step, after the timed ones, here (one per "
+        "process), and report each process's GPU kernel time in that step: per pipeline stage, how busy it was",
     )
     parser.add_argument("--devices", type=int, default=1, help="lit modes: processes (one GPU each)")
     parser.add_argument("--pipeline-stages", type=int, default=1, help="lit modes: pipeline stages")
@@ -429,6 +453,10 @@ def main() -> None:
             f"| {mode} | {args.seq} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} | "
             f"{r['tokens_per_s'] / (limit * gpus):.1%} | {peaks} |"
         )
+    for mode, r in results.items():
+        if r.get("kernel_s_per_process"):
+            busy = ", ".join(f"{b:.2f} s ({b / r['step_s']:.0%})" for b in r["kernel_s_per_process"])
+            print(f"{mode}: GPU kernel time per process (profiled step) against the {r['step_s']:.2f} s step: {busy}")
     if args.json:
         args.json.write_text(json.dumps({"limit": limit, "matmul_flops": flops, "results": results}, indent=2))
 
