@@ -14,10 +14,10 @@ from tests.test_training import ROOT, fit_args, run_cli, scalars
 SEQ = 12
 
 
-def decoder_layers(model_dir, compile: bool, quantization=None, device="cpu", dtype="float32"):
+def decoder_layers(model_dir, compile: bool, quantization=None, device="cpu", dtype="float32", dropout=0.0):
     """Decoder layers 0 and 1 with LoRA on every linear layer; B is random so that every gradient is non-zero."""
     source = ModelSource(model_dir, dtype=dtype, device=device, quantization=quantization)
-    adapter = LoraAdapter(4, 8, 0.0, "all-linear", [0, 1], torch.float32, seed=0, compute_in_input_dtype=True)
+    adapter = LoraAdapter(4, 8, dropout, "all-linear", [0, 1], torch.float32, seed=0, compute_in_input_dtype=True)
     layers = [DecoderLayerPipe(source, i, adapter, compile=compile) for i in range(2)]
     generator = torch.Generator().manual_seed(1)
     for layer in layers:
@@ -28,14 +28,15 @@ def decoder_layers(model_dir, compile: bool, quantization=None, device="cpu", dt
     return layers
 
 
-def checkpointed_step(layers, hidden_size: int, device="cpu", dtype=torch.float32):
-    """Output, input gradient and LoRA gradients of the layers run as the pipeline runs them (checkpointed)."""
+def checkpointed_step(layers, hidden_size: int, device="cpu", dtype=torch.float32, checkpointed=True):
+    """Output, input gradient and LoRA gradients of the layers run as the pipeline runs them (checkpointed, unless
+    ``checkpointed`` is false)."""
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, SEQ, hidden_size, generator=generator).to(device, dtype).requires_grad_()
     positions = torch.arange(SEQ, device=device).unsqueeze(0)
     x = (hidden, positions, torch.zeros(1, SEQ, dtype=torch.long, device=device))
     for layer in layers:
-        x = checkpoint(layer, x, use_reentrant=False)
+        x = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
     x[0].float().square().mean().backward()
     grads = [p.grad for layer in layers for p in layer.parameters() if p.requires_grad]
     return [x[0].detach(), hidden.grad, *grads]
@@ -92,26 +93,18 @@ def test_compiled_lora_dropout_is_replayed_by_the_checkpoint_recomputation(tiny_
     """Checkpointed, the backward recomputes the layer: its dropout masks must be the forward's. With the same seed,
     the checkpointed gradient equals the gradient of a plain forward exactly when they are."""
 
-    def input_gradient(compile: bool, checkpointed: bool, seed: int = 123):
-        torch._dynamo.reset()
-        source = ModelSource(tiny_model("llama"), dtype="float32")
-        adapter = LoraAdapter(4, 8, 0.5, "all-linear", [0], torch.float32, seed=0, compute_in_input_dtype=True)
-        layer = DecoderLayerPipe(source, 0, adapter, compile=compile)
-        generator = torch.Generator().manual_seed(1)
-        for module in layer.modules():
-            if isinstance(module, LoraLinear):
-                module.lora_B.weight.data.copy_(torch.randn(module.lora_B.weight.shape, generator=generator) * 0.1)
-        hidden = torch.randn(1, SEQ, source.config.hidden_size, generator=torch.Generator().manual_seed(0))
-        hidden.requires_grad_()
-        x = (hidden, torch.arange(SEQ).unsqueeze(0), torch.zeros(1, SEQ, dtype=torch.long))
-        torch.manual_seed(seed)
-        out = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
-        out[0].square().mean().backward()
-        return hidden.grad
+    model_dir = tiny_model("llama")
+    hidden_size = ModelSource(model_dir).config.hidden_size
 
-    plain = input_gradient(compile=True, checkpointed=False)
-    torch.testing.assert_close(input_gradient(compile=True, checkpointed=True), plain, rtol=0, atol=0)
-    assert not torch.equal(input_gradient(compile=True, checkpointed=False, seed=7), plain)  # dropout is active
+    def input_gradient(checkpointed: bool, seed: int = 123):
+        torch._dynamo.reset()
+        layers = decoder_layers(model_dir, True, dropout=0.5)
+        torch.manual_seed(seed)
+        return checkpointed_step(layers, hidden_size, checkpointed=checkpointed)[1]
+
+    plain = input_gradient(checkpointed=False)
+    torch.testing.assert_close(input_gradient(checkpointed=True), plain, rtol=0, atol=0)
+    assert not torch.equal(input_gradient(checkpointed=False, seed=7), plain)  # dropout is active
 
 
 @pytest.mark.slow

@@ -194,9 +194,7 @@ def _cache_keyword(mask_function: Callable) -> str:
 
 def _fill_random(name: str, tensor: torch.Tensor) -> None:
     """Random stand-in for a checkpoint tensor: norm weights 1, biases 0, everything else normal with std 0.02."""
-    if not tensor.is_floating_point():
-        tensor.zero_()
-    elif name.endswith("bias"):
+    if not tensor.is_floating_point() or name.endswith("bias"):
         tensor.zero_()
     elif tensor.dim() == 1 and "norm" in name:
         tensor.fill_(1.0)
