@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lit_qlp.kernels import TokenWeightedLoss
-from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
+from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe, PositionCache
 from lit_qlp.module import shift_left
 from tests.tiny_models import ARCHITECTURES, VOCAB, load_hf
 
@@ -48,6 +48,58 @@ def test_one_stage_matches_hf(tiny_model, arch):
         loss = loss_fn(hidden, shifted)  # the pipeline's fused head + loss
     torch.testing.assert_close(logits, reference.logits)
     torch.testing.assert_close(loss, reference.loss)
+
+
+def test_mask_and_rotary_are_computed_once_per_micro_batch(tiny_model, monkeypatch):
+    """The first decoder layer computes a micro-batch's mask and rotary embedding, the others reuse them (each of
+    transformers' packed-sequence checks synchronises with the device); a packed micro-batch after a plain one
+    gets its own mask, and both match HF's forward with the same position ids."""
+    import transformers.masking_utils as masking_utils
+
+    checks = []
+    find_packed = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: checks.append(p) or find_packed(p))
+    model_dir = tiny_model("llama")
+    source = ModelSource(model_dir, dtype="float32")
+    assert source.quirks.num_layers > 1
+    layers = [EmbeddingPipe(source), *(DecoderLayerPipe(source, i) for i in range(source.quirks.num_layers))]
+    head = OutputPipe(source)
+    hf = load_hf(model_dir, source.config._attn_implementation)
+    ids = batch()
+    plain = torch.arange(SEQ).unsqueeze(0)
+    packed = torch.cat((torch.arange(10), torch.arange(SEQ - 10))).unsqueeze(0)  # two sequences in one row
+    with torch.no_grad():
+        for positions in (plain, packed):
+            x = (ids, positions, torch.zeros_like(ids))
+            before = len(checks)
+            for layer in layers:
+                x = layer(x)
+            assert len(checks) == before + 1
+            reference = hf(ids, position_ids=positions, use_cache=False).logits  # a cache disables packing
+            torch.testing.assert_close(head.logits(head(x)), reference)
+    # the packed mask really differs: without it the second sequence would attend to the first
+    with torch.no_grad():
+        unpacked = hf(ids, position_ids=packed, use_cache=True).logits
+    torch.testing.assert_close(unpacked[:, :10], reference[:, :10])
+    assert not torch.allclose(unpacked[:, 10:], reference[:, 10:])
+
+
+def test_position_cache_recomputes_for_another_or_changed_tensor():
+    cache, calls = PositionCache(), []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    positions = torch.arange(4)
+    assert cache.get(positions, "k", compute) == cache.get(positions, "k", compute) == 1
+    assert cache.get(positions, "other", compute) == 2
+    assert cache.get(positions.clone(), "k", compute) == 3  # same values, another tensor
+    positions.add_(1)  # changed in place
+    assert cache.get(positions, "k", compute) == 4
+    del positions
+    cache.get(torch.arange(4), "k", compute)
+    assert len(cache._entries) == 1  # entries of freed tensors are dropped
 
 
 def _free_port() -> int:

@@ -301,7 +301,11 @@ def run_lit(args, mode: str) -> dict:
             else:
                 self.profiler.__exit__(None, None, None)
                 averages = self.profiler.key_averages()
-                sorts = ["cpu_time_total"] if device == "cpu" else ["cuda_time_total", "self_cuda_time_total"]
+                sorts = (
+                    ["cpu_time_total"]
+                    if device == "cpu"
+                    else ["cuda_time_total", "self_cuda_time_total", "self_cpu_time_total"]
+                )
                 tables = [f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=40) for sort in sorts]
                 args.profile.mkdir(parents=True, exist_ok=True)
                 suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
