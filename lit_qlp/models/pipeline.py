@@ -264,7 +264,8 @@ class PositionCache:
     functions look for packed sequences with a data-dependent branch, a device-to-host synchronisation, which per
     layer kept the CPU from running ahead of the GPU (64 synchronisations per micro-batch of an 8B model).
 
-    Entries are held per live tensor: a tensor that is freed, or changed in place, is never matched again.
+    Entries are held per live tensor: a tensor that is freed, or changed in place, is never matched again. The
+    values of freed tensors are dropped at the next new tensor, so at most one micro-batch's stay after a step.
     """
 
     def __init__(self) -> None:
@@ -287,7 +288,8 @@ POSITION_CACHE = PositionCache()
 
 
 class DecoderLayerPipe(nn.Module):
-    """One HF decoder layer, with its own rotary embedding and attention mask computed from ``position_ids``.
+    """One HF decoder layer, with the rotary embedding and attention mask computed from ``position_ids``: by the
+    stage's first layer, then taken from ``POSITION_CACHE`` by the others and by the recomputation.
 
     Args:
         source: The model directory.
@@ -331,7 +333,7 @@ class DecoderLayerPipe(nn.Module):
         x = StageTensors(*inputs)
         extra = {"control_classes": x.control_classes} if getattr(self.layer, "accepts_control_classes", False) else {}
         hidden, positions = x.hidden_states, x.position_ids
-        # Every layer of a stage builds the same rotary embedding from the same config: computed once per micro-batch.
+        # The stage's layers share one mask (per attention type) and one rotary embedding per micro-batch.
         like = (hidden.dtype, hidden.device, hidden.shape[0])
         mask = POSITION_CACHE.get(
             positions, ("mask", self.attention_type, *like), lambda: self.attention_mask(hidden, positions)
