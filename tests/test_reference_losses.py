@@ -1,0 +1,31 @@
+"""The maths stay put: the first losses of the demo and of tiny LoRA-with-decay, full and Control Adapter runs
+equal, bit for bit, those stored in ``reference_losses.json`` (computed by lit-qlp before the method/base redesign)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_training import ROOT, run_cli, scalars
+
+pytestmark = pytest.mark.slow
+
+STORED = json.loads((Path(__file__).parent / "reference_losses.json").read_text())["runs"]
+
+# Today's options for each stored run (the stored file keeps the options of the commit that computed it).
+OPTIONS = {
+    "demo": ["--trainer.max_steps=30"],
+    "demo_lora_decay": ["--trainer.max_steps=12", "--model.lora_weight_decay=0.5"],
+    "full": ["--trainer.max_steps=12", "--model.mode=full", "--model.target_modules=null", "--model.lr=1e-3"],
+    "control": ["--trainer.max_steps=12", "--model.mode=control", "--model.lr=2e-2", "--model.lora_weight_decay=0.1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_losses_equal_the_stored_ones_bit_for_bit(name, tmp_path):
+    run_cli(["fit", "--config", "configs/demo.yaml", f"--trainer.default_root_dir={tmp_path}", *OPTIONS[name]], ROOT)
+    losses = scalars(tmp_path, "train/loss")
+    expected = STORED[name]["train/loss"]
+    assert [losses[step] for step in sorted(losses)] == expected
