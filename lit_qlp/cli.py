@@ -8,6 +8,7 @@ lit-qlp fit --config configs/lora.yaml --print_config
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -25,9 +26,14 @@ def evals_to_interval(evals_per_epoch: int) -> float:
     return 1.0 / evals_per_epoch
 
 
-def splits_class_zero(mode: str) -> bool:
-    """``data.split_class_zero`` for ``model.mode``: Control Adapters train class-0 documents as +1 or -1."""
-    return mode == "control"
+def splits_class_zero(method: Any) -> bool:
+    """``data.split_class_zero`` for ``model.method`` (its ``class_path`` / ``init_args`` as parsed): methods that
+    use control classes (Control Adapters) train class-0 documents as +1 or -1."""
+    class_path = getattr(method, "class_path", None)
+    if class_path is None:
+        return False
+    module_name, _, name = class_path.rpartition(".")
+    return bool(getattr(importlib.import_module(module_name), name).uses_control_classes)
 
 
 class LitQLPCLI(LightningCLI):
@@ -43,7 +49,8 @@ class LitQLPCLI(LightningCLI):
       before training, a console line after each) and ProgressReport (a line per step with throughput and ETA);
       ``--trainer.callbacks+=X`` adds one, a list replaces them.
     - ``data.tokenizer_dir`` follows ``model.model_dir``; ``trainer.val_check_interval`` follows
-      ``data.evals_per_epoch``; ``data.split_class_zero`` follows ``model.mode`` (true for "control").
+      ``data.evals_per_epoch``; ``data.split_class_zero`` follows ``model.method`` (true for Control Adapters).
+    - ``model.method``: LoRA with its defaults (``--model.method lit_qlp.methods.ControlAdapters`` and so on).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -56,10 +63,11 @@ class LitQLPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_dir", "data.tokenizer_dir")
         parser.link_arguments("data.evals_per_epoch", "trainer.val_check_interval", compute_fn=evals_to_interval)
-        parser.link_arguments("model.mode", "data.split_class_zero", compute_fn=splits_class_zero)
+        parser.link_arguments("model.method", "data.split_class_zero", compute_fn=splits_class_zero)
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EpochExport, "export")
         parser.set_defaults({"trainer.strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"}})
+        parser.set_defaults({"model.method": {"class_path": "lit_qlp.methods.LoRA"}})
         # Ordinary callbacks: `--trainer.callbacks+=...` adds to them, a `trainer.callbacks` list replaces them.
         parser.set_defaults(
             {
@@ -73,7 +81,8 @@ class LitQLPCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        config = self.config_init.get(str(self.subcommand)) if self.subcommand else None
+        trainer_config = (config if config is not None else self.config_init).get("trainer") or {}
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or "."
             kwargs["logger"] = TensorBoardLogger(save_dir=root, name="", version="")

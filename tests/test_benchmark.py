@@ -15,17 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_random_weights_need_only_the_config(tiny_model, tmp_path):
-    from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, OutputPipe
+    from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, OutputPipe, StageBuilder
 
     (tmp_path / "config.json").write_bytes((tiny_model("llama") / "config.json").read_bytes())
     source = ModelSource(tmp_path, dtype="float32", random_weights=True)
-    layer = DecoderLayerPipe(source, 0)
+    builder = StageBuilder(source, torch.device("cpu"))
+    layer = DecoderLayerPipe(builder, 0)
     weights = dict(layer.layer.named_parameters())
     assert torch.equal(weights["input_layernorm.weight"], torch.ones_like(weights["input_layernorm.weight"]))
     q = weights["self_attn.q_proj.weight"]
     assert q.abs().sum() > 0 and 0.015 < float(q.std()) < 0.025
     x = (torch.randn(1, 8, source.config.hidden_size), torch.arange(8).unsqueeze(0), torch.zeros(1, 8).long())
-    assert torch.isfinite(OutputPipe(source)(layer(x))).all()
+    assert torch.isfinite(OutputPipe(builder)(layer(x))).all()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         ModelSource(tmp_path, dtype="float32")  # without random_weights the checkpoint is required
 

@@ -72,8 +72,10 @@ def demo_like_config(assets, root: Path) -> dict:
         "model": {
             "model_dir": str(assets["model_dir"]),
             "dtype": "float32",
-            "lora_rank": 4,
-            "target_modules": "all-linear",
+            "method": {
+                "class_path": "lit_qlp.methods.LoRA",
+                "init_args": {"rank": 4, "target_modules": "all-linear"},
+            },
             "lr": 2.0e-3,
         },
         "data": {"datasets": [{"dataset_path": str(assets["corpus"])}], "sequence_len": 64, "eval_fraction": 0.05},
@@ -134,14 +136,14 @@ def test_every_config_parses(config, assets, tmp_path, monkeypatch, capsys):
 def test_print_config_of_demo_like_config(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path / "c.yaml", demo_like_config(assets, tmp_path / "root"))
-    extra = ["--trainer.strategy.pipeline_stages", "2", "--model.layers_to_transform", "1:3"]
+    extra = ["--trainer.strategy.pipeline_stages", "2", "--model.method.layers_to_transform", "1:3"]
     assert run(["fit", "--config", str(config), *extra, "--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     strategy = printed["trainer"]["strategy"]
     assert strategy["class_path"] == "lit_qlp.strategies.PipelineStrategy"
     assert strategy["init_args"]["pipeline_stages"] == 2
     assert strategy["init_args"]["gradient_accumulation_steps"] == 2
-    assert printed["model"]["layers_to_transform"] == "1:3"  # kept as text, not read as a number
+    assert printed["model"]["method"]["init_args"]["layers_to_transform"] == "1:3"  # text, not a number
     assert printed["checkpoint"]["max_checkpoints"] == 3 and printed["export"]["dirname"] == "epoch{epoch}"
     assert list(tmp_path.iterdir()) == [config]
 
@@ -150,11 +152,11 @@ def test_yaml_layer_range_quoting(assets, tmp_path, monkeypatch, capsys):
     """A quoted range in a YAML file stays text; an unquoted ``1:3`` (YAML 1.1 reads it as 63) is refused."""
     monkeypatch.chdir(tmp_path)
     content = demo_like_config(assets, tmp_path / "root")
-    content["model"]["layers_to_transform"] = "1:3"
+    content["model"]["method"]["init_args"]["layers_to_transform"] = "1:3"
     config = write_config(tmp_path / "quoted.yaml", content)
     assert "'1:3'" in config.read_text()
     assert run(["fit", "--config", str(config), "--print_config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["layers_to_transform"] == "1:3"
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["method"]["init_args"]["layers_to_transform"] == "1:3"
     unquoted = tmp_path / "unquoted.yaml"
     unquoted.write_text(config.read_text().replace("'1:3'", "1:3"))
     assert run(["fit", "--config", str(unquoted), "--print_config"]) != 0
@@ -170,6 +172,44 @@ def test_default_strategy_is_pipeline(assets, tmp_path, monkeypatch, capsys):
     assert printed["trainer"]["strategy"]["class_path"] == "lit_qlp.strategies.PipelineStrategy"
 
 
+@pytest.mark.parametrize(
+    "extra, method, base",
+    [
+        ([], "LoRA", None),
+        (["--model.base", "lit_qlp.bases.BitsAndBytes4bit"], "LoRA", "BitsAndBytes4bit"),
+        (["--model.method", "lit_qlp.methods.ControlAdapters"], "ControlAdapters", None),
+        (
+            ["--model.method", "lit_qlp.methods.ControlAdapters", "--model.base", "lit_qlp.bases.BitsAndBytes4bit"],
+            "ControlAdapters",
+            "BitsAndBytes4bit",
+        ),
+        (["--model.method", "lit_qlp.methods.FullFineTuning"], "FullFineTuning", None),
+    ],
+)
+def test_print_config_shows_only_the_options_of_the_chosen_method_and_base(
+    extra, method, base, assets, tmp_path, monkeypatch, capsys
+):
+    import inspect
+
+    import lit_qlp.bases
+    import lit_qlp.methods
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "c.yaml", demo_like_config(assets, tmp_path / "root"))
+    assert run(["fit", "--config", str(config), *extra, "--print_config"]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["method"]["class_path"] == f"lit_qlp.methods.{method}"
+    expected = set(inspect.signature(getattr(lit_qlp.methods, method)).parameters)
+    assert set(model["method"]["init_args"]) == expected
+    if base is None:
+        assert model["base"] is None
+    else:
+        assert model["base"]["class_path"] == f"lit_qlp.bases.{base}"
+        assert set(model["base"]["init_args"]) == set(inspect.signature(getattr(lit_qlp.bases, base)).parameters)
+    method_keys = {"rank", "dropout", "target_modules", "weight_decay", "gamma", "quant_type", "double_quant"}
+    assert not method_keys & set(model), "an option of a method or base at the top of model"
+
+
 # ----------------------------------------------------------------------------------------------------- unknown keys
 
 
@@ -177,6 +217,8 @@ def test_default_strategy_is_pipeline(assets, tmp_path, monkeypatch, capsys):
     "extra, name",
     [
         (["--model.nonexistent", "1"], "nonexistent"),
+        (["--model.method.gamma", "0.3"], "gamma"),  # a Control Adapter option, and the method is LoRA
+        (["--model.lora_rank", "4"], "lora_rank"),  # the options of the methods live on the methods
         (["--data.sequence_length", "128"], "sequence_length"),
         (["--trainer.strategy.pipeline_stage", "2"], "pipeline_stage"),
         (["--trainer.gradient_clip", "1.0"], "gradient_clip"),
@@ -195,6 +237,7 @@ def test_unknown_command_line_keys_rejected(extra, name, assets, tmp_path, monke
     "where, name",
     [
         (("model",), "nonexistent"),
+        (("model", "method", "init_args"), "quant_type"),
         (("data",), "shuffle"),
         (("trainer", "strategy", "init_args"), "stages"),
         ((), "mdl"),
@@ -233,13 +276,13 @@ def bad_input_cases():
             id="model_dir",
         ),
         pytest.param(
-            ["--model.layers_to_transform", "0:9"],
+            ["--model.method.layers_to_transform", "0:9"],
             ValueError,
-            ["model.layers_to_transform='0:9'", "layer 9", "4 layers"],
+            ["model.method.layers_to_transform='0:9'", "layer 9", "4 layers"],
             id="layers_to_transform",
         ),
         pytest.param(
-            ["--model.target_modules", '["q_proj", "foo_proj"]'],
+            ["--model.method.target_modules", '["q_proj", "foo_proj"]'],
             ValueError,
             ["target_modules", "['foo_proj']", "q_proj"],
             id="target_modules",
@@ -250,7 +293,19 @@ def bad_input_cases():
             ["data.datasets", "NO_FILES", "matches no file"],
             id="dataset_path",
         ),
-        pytest.param(["--model.lora_rank", "0"], ValueError, ["model.lora_rank=0"], id="lora_rank"),
+        pytest.param(["--model.method.rank", "0"], ValueError, ["model.method.rank=0"], id="rank"),
+        pytest.param(
+            ["--model.method", "lit_qlp.methods.ControlAdapters", "--model.method.gamma", "0.7"],
+            ValueError,
+            ["model.method.gamma=0.7", "(0, 0.5]"],
+            id="control_gamma",
+        ),
+        pytest.param(
+            ["--model.method", "lit_qlp.methods.FullFineTuning", "--model.base", "lit_qlp.bases.BitsAndBytes4bit"],
+            ValueError,
+            ["FullFineTuning", "remove model.base"],
+            id="full_on_4bit",
+        ),
         pytest.param(
             ["--trainer.strategy.partition_method", "foo"],
             ValueError,

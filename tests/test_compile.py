@@ -7,7 +7,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
-from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource
+from lit_qlp.bases import BitsAndBytes4bit
+from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder
 from lit_qlp.models.quantize import Quantization
 from tests.test_training import ROOT, fit_args, run_cli, scalars
 
@@ -16,9 +17,10 @@ SEQ = 12
 
 def decoder_layers(model_dir, compile: bool, quantization=None, device="cpu", dtype="float32", dropout=0.0):
     """Decoder layers 0 and 1 with LoRA on every linear layer; B is random so that every gradient is non-zero."""
-    source = ModelSource(model_dir, dtype=dtype, device=device, quantization=quantization)
+    base = None if quantization is None else BitsAndBytes4bit(quantization.quant_type, quantization.double_quant)
+    builder = StageBuilder(ModelSource(model_dir, dtype=dtype), torch.device(device), base)
     adapter = LoraAdapter(4, 8, dropout, "all-linear", [0, 1], torch.float32, seed=0, compute_in_input_dtype=True)
-    layers = [DecoderLayerPipe(source, i, adapter, compile=compile) for i in range(2)]
+    layers = [DecoderLayerPipe(builder, i, adapter, compile=compile) for i in range(2)]
     generator = torch.Generator().manual_seed(1)
     for layer in layers:
         for module in layer.modules():
@@ -110,7 +112,7 @@ def test_compiled_lora_dropout_is_replayed_by_the_checkpoint_recomputation(tiny_
 @pytest.mark.slow
 def test_compiled_training_run_gives_the_eager_losses(tiny_model, corpus, tmp_path):
     model_dir = tiny_model("llama")
-    common = ("--trainer.max_steps=3", "--model.lora_compute_in_weight_dtype=false")
+    common = ("--trainer.max_steps=3", "--model.method.compute_in_weight_dtype=false")
     run_cli(fit_args(model_dir, corpus, tmp_path / "eager", *common), ROOT)
     run_cli(fit_args(model_dir, corpus, tmp_path / "compiled", *common, "--model.compile_layers=true"), ROOT)
     eager, compiled = scalars(tmp_path / "eager", "train/loss"), scalars(tmp_path / "compiled", "train/loss")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lit_qlp.adapters.control import ControlAdapter, ControlAdapterLayer, load_control_adapter, regularize_
+from lit_qlp.adapters.control import ControlAdapter, ControlAdapterLayer, regularize_
+from lit_qlp.formats.control import load_control_adapter
 from tests.test_training import ROOT, assert_same_losses, fit_args, run_cli, scalars
 
 H, R = 12, 4
@@ -78,9 +79,10 @@ def test_minus_one_is_the_exact_inverse_of_plus_one():
 
 
 def test_control_classes_are_shifted_like_labels(tiny_model):
+    from lit_qlp.methods import ControlAdapters
     from lit_qlp.module import CausalLMModule
 
-    module = CausalLMModule(tiny_model("llama"), mode="control", lora_rank=4)
+    module = CausalLMModule(tiny_model("llama"), method=ControlAdapters(rank=4))
     batch = {
         "input_ids": torch.arange(10).reshape(2, 5),
         "labels": torch.arange(10).reshape(2, 5),
@@ -127,12 +129,15 @@ def test_control_adapter_wraps_only_selected_layers():
 
 
 def test_bad_control_options_are_named(tiny_model):
+    from lit_qlp.methods import ControlAdapters
     from lit_qlp.module import CausalLMModule
 
-    with pytest.raises(ValueError, match=r"model.control_adapter_gamma=0.7 must be in \(0, 0.5\]"):
-        CausalLMModule(tiny_model("llama"), mode="control", control_adapter_gamma=0.7)
-    with pytest.raises(ValueError, match="lora_weight_decay needs float32"):
-        CausalLMModule(tiny_model("llama"), mode="control", lora_weight_decay=0.1, lora_weight_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"model.method.gamma=0.7 must be in \(0, 0.5\]"):
+        ControlAdapters(gamma=0.7)
+    with pytest.raises(ValueError, match="method.weight_decay needs float32"):
+        ControlAdapters(weight_decay=0.1, weight_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"model.method.rank=33 exceeds the hidden size 32"):
+        CausalLMModule(tiny_model("llama"), method=ControlAdapters(rank=33))
 
 
 def opposite_datasets(directory):
@@ -152,21 +157,21 @@ def opposite_datasets(directory):
 def sequence_loss(model_dir, adapter_dir, text_ids, control_class):
     """Mean next-token loss of ``text_ids`` through the pipeline layers with the exported adapter."""
     from lit_qlp.kernels import TokenWeightedLoss
-    from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
+    from lit_qlp.models.pipeline import ModelSource
+    from tests.tiny_models import stage_layers
 
     source = ModelSource(model_dir, dtype="float32")
     config, adapters = load_control_adapter(adapter_dir)
     adapter = ControlAdapter(config["r"], 0.0, list(adapters), source.config.hidden_size, torch.float32, seed=0)
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i, adapter) for i in range(source.quirks.num_layers)]
+    loss_fn = TokenWeightedLoss()
+    layers = stage_layers(source, adapter, loss=loss_fn)
     for index, (q, s) in adapters.items():
         layers[1 + index].layer.control_Q.data.copy_(q)
         layers[1 + index].layer.control_S.data.copy_(s)
-    loss_fn = TokenWeightedLoss()
-    layers.append(OutputPipe(source, loss_fn))
     ids = torch.tensor([text_ids])
     labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
     classes = torch.full_like(ids, control_class)
-    loss_fn.normalizer = float(ids.shape[1] - 1)
+    loss_fn.normalize_by(float(ids.shape[1] - 1))
     x = (ids, torch.arange(ids.shape[1]).unsqueeze(0), classes)
     with torch.no_grad():
         for layer in layers:
@@ -183,7 +188,7 @@ def test_training_on_opposite_classes_lowers_each_datasets_loss_under_its_own_cl
     datasets = (
         f"--data.datasets=[{{dataset_path: {up}, control_class: 1}}, {{dataset_path: {down}, control_class: -1}}]"
     )
-    common = ["--model.mode=control", "--model.lr=2e-2", datasets, "--trainer.max_epochs=1"]
+    common = ["--model.method=lit_qlp.methods.ControlAdapters", "--model.lr=2e-2", datasets, "--trainer.max_epochs=1"]
     common += ["--checkpoint.every_n_train_steps=0"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(fit_args(model_dir, up, one, *common), ROOT)
@@ -232,14 +237,14 @@ def test_control_class_with_another_mode_is_refused_before_anything_is_written(t
         timeout=300,
     )
     assert result.returncode != 0
-    assert "set control_class, which only Control Adapters use, but model.mode=lora" in result.stderr
+    assert "set control_class, which only Control Adapters use, but model.method is LoRA" in result.stderr
     assert not root.exists() or not any(root.iterdir())
 
 
 def write_random_control_adapter(directory, model_dir, rank=4, seed=0, perturb=0.0):
     """A Control Adapter export with orthonormal (optionally perturbed) Q and random S for the tiny model."""
-    from lit_qlp.adapters.control import control_adapter_config
-    from lit_qlp.adapters.lora import save_peft_adapter
+    from lit_qlp.formats.control import control_adapter_config
+    from lit_qlp.formats.peft import save_peft_adapter
     from tests.tiny_models import COMMON
 
     generator = torch.Generator().manual_seed(seed)
@@ -281,8 +286,8 @@ def test_converted_lora_loads_in_peft_and_is_exact_for_parallel_blocks(tiny_mode
     peft = pytest.importorskip("peft")
     from lit_qlp.export.control import control_adapter_to_lora
     from lit_qlp.kernels import TokenWeightedLoss
-    from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
-    from tests.tiny_models import VOCAB, load_hf
+    from lit_qlp.models.pipeline import ModelSource
+    from tests.tiny_models import VOCAB, load_hf, stage_layers
 
     model_dir = tiny_model("cohere")
     write_random_control_adapter(tmp_path / "ca", model_dir, seed=1)
@@ -291,11 +296,10 @@ def test_converted_lora_loads_in_peft_and_is_exact_for_parallel_blocks(tiny_mode
     source = ModelSource(model_dir, dtype="float32")
     config, adapters = load_control_adapter(tmp_path / "ca")
     adapter = ControlAdapter(config["r"], 0.0, list(adapters), source.config.hidden_size, torch.float32, seed=0)
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i, adapter) for i in range(4)]
+    layers = stage_layers(source, adapter, loss=TokenWeightedLoss())
     for index, (q, s) in adapters.items():
         layers[1 + index].layer.control_Q.data.copy_(q)
         layers[1 + index].layer.control_S.data.copy_(s)
-    layers.append(OutputPipe(source, TokenWeightedLoss()))
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     x = (ids, torch.arange(16).unsqueeze(0), torch.full_like(ids, -1 if inverse else 1))
     with torch.no_grad():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lit_qlp.bases import BitsAndBytes4bit
+from lit_qlp.methods import FullFineTuning, LoRA
+from lit_qlp.methods.full import full_trainable_parameters
 from lit_qlp.models.pipeline import ModelSource
-from lit_qlp.module import CausalLMModule, full_trainable_parameters
+from lit_qlp.module import CausalLMModule
 from tests.test_training import ROOT, fit_args, run_cli, scalars
 from tests.tiny_models import VOCAB
 
@@ -42,17 +45,19 @@ def test_tied_embeddings_train_together(tiny_model):
 
 def test_full_fine_tuning_bad_input_is_named(tiny_model):
     model_dir = tiny_model("llama")
-    with pytest.raises(ValueError, match=r"model.target_modules entries \['qproj'\] match no module.*q_proj"):
-        CausalLMModule(model_dir, mode="full", target_modules=["qproj"])
-    with pytest.raises(ValueError, match=r"model.lora_weight_decay=0.1 .*model.mode=full trains no LoRA"):
-        CausalLMModule(model_dir, mode="full", lora_weight_decay=0.1)
-    with pytest.raises(ValueError, match=r"model.embeddings_on_cpu .*model.mode=full"):
-        CausalLMModule(model_dir, mode="full", embeddings_on_cpu=True)
+    with pytest.raises(ValueError, match=r"model.method.target_modules entries \['qproj'\] match no module.*q_proj"):
+        CausalLMModule(model_dir, method=FullFineTuning(target_modules=["qproj"]))
+    with pytest.raises(ValueError, match=r"model.embeddings_on_cpu .*FullFineTuning trains them"):
+        CausalLMModule(model_dir, method=FullFineTuning(), embeddings_on_cpu=True)
     with pytest.raises(ValueError, match="match no linear layer"):
-        CausalLMModule(model_dir, mode="lora", target_modules=["embed_tokens"])
+        CausalLMModule(model_dir, method=LoRA(target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match=r"FullFineTuning trains the weights themselves.*remove model.base"):
+        CausalLMModule(model_dir, method=FullFineTuning(), base=BitsAndBytes4bit())
+    # Frozen embeddings may stay on the CPU while the decoder layers train.
+    CausalLMModule(model_dir, method=FullFineTuning(target_modules="all-linear"), embeddings_on_cpu=True)
 
 
-FULL = ("--model.mode=full", "--model.target_modules=null", "--model.lr=1e-3")
+FULL = ("--model.method=lit_qlp.methods.FullFineTuning", "--model.method.target_modules=null", "--model.lr=1e-3")
 
 
 @pytest.mark.slow
@@ -65,7 +70,7 @@ def test_tied_full_fine_tuning_across_two_stages(tiny_model, corpus, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, OutputPipe
+    from tests.tiny_models import stage_layers
 
     model_dir = tiny_model("llama_tied")
     one = tmp_path / "one-stage"
@@ -106,8 +111,7 @@ def test_tied_full_fine_tuning_across_two_stages(tiny_model, corpus, tmp_path):
 
     # The trained pipeline: the engine's own checkpoint files (not the export) loaded into the pipeline layers.
     source = ModelSource(model_dir, dtype="float32")
-    n = source.quirks.num_layers
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i) for i in range(n)] + [OutputPipe(source)]
+    layers = stage_layers(source)
     (step_dir,) = (two / "checkpoints" / "last.ckpt").resolve().glob("global_step*")
     for index, layer in enumerate(layers):
         state = torch.load(step_dir / f"layer_{index:02d}-model_states.pt", weights_only=False)
@@ -130,8 +134,13 @@ def test_untied_full_fine_tuning_of_selected_modules_exports_a_loadable_model(ti
 
     model_dir = tiny_model("llama")
     run_cli(
-        fit_args(model_dir, corpus, tmp_path, "--model.mode=full", "--model.lr=1e-3", "--trainer.max_epochs=1")
-        + ["--model.target_modules=[mlp]", "--model.layers_to_transform=1:2", "--checkpoint.every_n_train_steps=0"],
+        fit_args(model_dir, corpus, tmp_path, "--model.method=lit_qlp.methods.FullFineTuning", "--model.lr=1e-3")
+        + [
+            "--trainer.max_epochs=1",
+            "--model.method.target_modules=[mlp]",
+            "--model.method.layers_to_transform=1:2",
+            "--checkpoint.every_n_train_steps=0",
+        ],
         ROOT,
     )
     initial = load_file(model_dir / "model.safetensors")

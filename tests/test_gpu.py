@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
+from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder
 from tests.test_training import ROOT, fit_args, run_cli, scalars, write_corpus
-from tests.tiny_models import VOCAB
+from tests.tiny_models import VOCAB, stage_layers
 
 pytestmark = pytest.mark.gpu
 
@@ -17,9 +17,8 @@ def test_bf16_pipeline_logits_match_hf_on_gpu(tiny_model, arch):
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model(arch)
-    source = ModelSource(model_dir, dtype="bfloat16", device="cuda")
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i) for i in range(source.quirks.num_layers)]
-    layers.append(OutputPipe(source))
+    source = ModelSource(model_dir, dtype="bfloat16")
+    layers = stage_layers(source, device="cuda")
     hf = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16, attn_implementation=source.config._attn_implementation
     ).cuda()
@@ -60,7 +59,7 @@ def test_qlora_training_with_offloaded_activations_on_gpu_through_the_cli(tiny_m
         root = tmp_path / f"offload-{offload}"
         run_cli(
             fit_args(tiny_model("llama"), corpus, root, "--trainer.accelerator=gpu", "--trainer.devices=1")
-            + ["--model.dtype=bfloat16", "--model.mode=qlora", "--trainer.max_steps=6"]
+            + ["--model.dtype=bfloat16", "--model.base=lit_qlp.bases.BitsAndBytes4bit", "--trainer.max_steps=6"]
             + [f"--trainer.strategy.activation_offload={offload}", f"--model.embeddings_on_cpu={offload}"],
             ROOT,
         )
@@ -74,9 +73,9 @@ def test_offloaded_checkpoint_gradients_on_gpu(tiny_model):
     from lit_qlp.adapters.lora import LoraAdapter
     from lit_qlp.strategies.offload import offloaded_checkpoint
 
-    source = ModelSource(tiny_model("llama"), dtype="bfloat16", device="cuda")
+    builder = StageBuilder(ModelSource(tiny_model("llama"), dtype="bfloat16"), torch.device("cuda"))
     adapter = LoraAdapter(4, 4, 0.1, "all-linear", [0], torch.float32, seed=0)
-    layer = DecoderLayerPipe(source, 0, adapter)
+    layer = DecoderLayerPipe(builder, 0, adapter)
     for p in layer.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)

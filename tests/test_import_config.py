@@ -2,11 +2,15 @@
 
 Each mode's TOML (as many qlora-pipe-lite keys as apply) is converted, written as YAML and parsed by the real CLI
 (``lit-qlp fit --config X --print_config``, in-process); the printed configuration must hold the TOML's values at
-the places listed in ``PLACES`` below, which is written independently of the module's own table. Nothing trains.
+the places listed in ``PLACES`` below, which is written independently of the module's own table. TOMLs with the
+keys and switches of qlora-pipe-lite's four example configs (values of our own) must convert to the expected
+``model.method`` and ``model.base``, with options the method classes take. Nothing trains.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import subprocess
 import sys
@@ -32,13 +36,13 @@ SCRIPT = REPO / "tools" / "import_qlora_pipe_config.py"
 PLACES = {
     "model_dir": ("model", "model_dir"),
     "output_dir": ("trainer", "default_root_dir"),
-    "lora_rank": ("model", "lora_rank"),
-    "lora_dropout": ("model", "lora_dropout"),
-    "lora_weight_dtype": ("model", "lora_weight_dtype"),
-    "lora_weight_decay": ("model", "lora_weight_decay"),
-    "control_adapter_gamma": ("model", "control_adapter_gamma"),
-    "target_modules": ("model", "target_modules"),
-    "layers_to_transform": ("model", "layers_to_transform"),
+    "lora_rank": ("model", "method", "init_args", "rank"),
+    "lora_dropout": ("model", "method", "init_args", "dropout"),
+    "lora_weight_dtype": ("model", "method", "init_args", "weight_dtype"),
+    "lora_weight_decay": ("model", "method", "init_args", "weight_decay"),
+    "control_adapter_gamma": ("model", "method", "init_args", "gamma"),
+    "target_modules": ("model", "method", "init_args", "target_modules"),
+    "layers_to_transform": ("model", "method", "init_args", "layers_to_transform"),
     "lr": ("model", "lr"),
     "eps": ("model", "eps"),
     "epochs": ("trainer", "max_epochs"),
@@ -61,6 +65,21 @@ PLACES = {
     "max_checkpoints": ("checkpoint", "max_checkpoints"),
 }
 SPECIAL = {"full_fine_tune", "load_in_4bit", "use_control_adapters", "beta1", "beta2", "datasets"}
+
+LORA = "lit_qlp.methods.LoRA"
+CONTROL = "lit_qlp.methods.ControlAdapters"
+FULL = "lit_qlp.methods.FullFineTuning"
+# qlora-pipe-lite quantises to nf4 without double quantisation.
+BASE_4BIT = {"class_path": "lit_qlp.bases.BitsAndBytes4bit", "init_args": {"quant_type": "nf4", "double_quant": False}}
+
+# mode_config's modes -> (model.method.class_path, model.base or None).
+MODES = {
+    "lora": (LORA, None),
+    "qlora": (LORA, BASE_4BIT),
+    "full": (FULL, None),
+    "control": (CONTROL, None),
+    "control_4bit": (CONTROL, BASE_4BIT),
+}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +150,6 @@ def mode_config(mode: str, assets, root: Path) -> dict:
             **lora,
             "target_modules": ["q_proj", "v_proj"],
             "layers_to_transform": "0:1",
-            "control_adapter_gamma": 0.5,
         }
     if mode == "qlora":
         config = {**common, "load_in_4bit": True, **lora, "lora_weight_dtype": "bfloat16", "lora_weight_decay": 0.0}
@@ -157,10 +175,12 @@ def mode_config(mode: str, assets, root: Path) -> dict:
             "document_suffix": "</s>",
             "mask_tokens": 2,
         }
-    assert mode == "control"
+    assert mode in ("control", "control_4bit")
+    four_bit = {"load_in_4bit": True} if mode == "control_4bit" else {}
     return {
         **common,
         "use_control_adapters": True,
+        **four_bit,
         **lora,
         "lora_rank": 4,
         "lora_dropout": 0.1,
@@ -193,7 +213,7 @@ def at(tree: dict, path: tuple[str, ...]):
 # ----------------------------------------------------------------------------------------------------- modes
 
 
-@pytest.mark.parametrize("mode", ["lora", "qlora", "full", "control"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_mode_config_parses_with_toml_values(mode, assets, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     toml_config = mode_config(mode, assets, tmp_path / "root")
@@ -215,14 +235,18 @@ def test_mode_config_parses_with_toml_values(mode, assets, tmp_path, monkeypatch
         if key in PLACES:
             assert at(converted, PLACES[key]) == value and type(at(converted, PLACES[key])) is type(value), key
             assert at(printed, PLACES[key]) == value, key
-    assert printed["model"]["mode"] == mode
+    method, base = MODES[mode]
+    assert converted["model"]["method"]["class_path"] == printed["model"]["method"]["class_path"] == method
+    assert converted["model"].get("base") == base
+    if base is None:
+        assert printed["model"].get("base") is None
+    else:
+        assert printed["model"]["base"] == base
     assert printed["model"]["dtype"] == "bfloat16"
     assert printed["trainer"]["accelerator"] == "gpu"
     assert printed["trainer"]["devices"] == toml_config["pipeline_stages"]
     assert printed["trainer"]["strategy"]["class_path"] == "lit_qlp.strategies.PipelineStrategy"
     assert printed["model"]["betas"] == [toml_config.get("beta1", 0.9), toml_config.get("beta2", 0.99)]
-    if mode == "qlora":
-        assert printed["model"]["quant_type"] == "nf4" and printed["model"]["double_quant"] is False
     datasets = printed["data"]["datasets"]
     assert [{k: d[k] for k in table} for d, table in zip(datasets, toml_config["datasets"])] == toml_config["datasets"]
     assert len(datasets) == len(toml_config["datasets"])
@@ -237,7 +261,7 @@ def test_minimal_config_leaves_lit_qlp_defaults():
             "devices": 1,
             "strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"},
         },
-        "model": {"model_dir": "/m", "mode": "lora", "dtype": "bfloat16"},
+        "model": {"model_dir": "/m", "dtype": "bfloat16", "method": {"class_path": LORA}},
         "data": {"datasets": [{"dataset_path": "d.jsonl"}]},
     }
 
@@ -246,7 +270,8 @@ def test_layer_selection_forms():
     base = "model_dir = '/m'\n[[datasets]]\ndataset_path = 'd'\n"
 
     def layers(spec: str):
-        return import_qlora_pipe_config(f"layers_to_transform = {spec}\n" + base)["model"]["layers_to_transform"]
+        converted = import_qlora_pipe_config(f"layers_to_transform = {spec}\n" + base)
+        return converted["model"]["method"]["init_args"]["layers_to_transform"]
 
     assert layers("'0:31'") == "0:31"
     assert layers("'0:10,20:25,30'") == "0:10,20:25,30"
@@ -268,6 +293,142 @@ def test_path_and_text_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"c2.toml: not valid TOML"):
         (tmp_path / "c2.toml").write_text("model_dir = \n")
         import_qlora_pipe_config(tmp_path / "c2.toml")
+
+
+# ----------------------------------------------------------------------------------- qlora-pipe-lite's examples
+
+# The top-level keys each example config of qlora-pipe-lite (examples/config_*.toml) sets, in its order, and the
+# keys of its [[datasets]] tables; the values below are our own.
+EXAMPLE_KEYS = {
+    "lora": "model_dir output_dir lora_rank lora_dropout lora_weight_dtype lora_weight_decay".split(),
+    "qlora": "model_dir output_dir load_in_4bit lora_rank lora_dropout lora_weight_dtype lora_weight_decay".split(),
+    "full_finetune": "model_dir output_dir full_fine_tune".split(),
+    "control_adapter": (
+        "model_dir output_dir use_control_adapters load_in_4bit lora_rank lora_dropout lora_weight_dtype "
+        "lora_weight_decay control_adapter_gamma"
+    ).split(),
+}
+EXAMPLE_COMMON_KEYS = (
+    "lr epochs beta1 beta2 eps sequence_len pipeline_stages gradient_accumulation_steps "
+    "eval_gradient_accumulation_steps eval_fraction evals_per_epoch checkpoint_interval_hours max_checkpoints"
+).split()
+EXAMPLE_DATASET_KEYS = {
+    "lora": [["dataset_path"], ["dataset_path", "max_tokens"]],
+    "qlora": [["dataset_path"], ["dataset_path", "max_tokens"]],
+    "full_finetune": [["dataset_path"], ["dataset_path", "max_tokens"]],
+    "control_adapter": [["dataset_path", "control_class", "max_tokens"]] * 3,
+}
+EXAMPLE_EXPECTED = {
+    "lora": (LORA, None),
+    "qlora": (LORA, BASE_4BIT),
+    "full_finetune": (FULL, None),
+    "control_adapter": (CONTROL, BASE_4BIT),
+}
+EXAMPLE_VALUES = {
+    "model_dir": "/models/tiny",
+    "output_dir": "runs/example",
+    "full_fine_tune": True,
+    "load_in_4bit": True,
+    "use_control_adapters": True,
+    "lora_rank": 32,
+    "lora_dropout": 0.05,
+    "lora_weight_dtype": "float32",
+    "lora_weight_decay": 25.0,
+    "control_adapter_gamma": 0.4,
+    "lr": 5.0e-5,
+    "epochs": 3,
+    "beta1": 0.8,
+    "beta2": 0.95,
+    "eps": 1.0e-8,
+    "sequence_len": 2048,
+    "pipeline_stages": 2,
+    "gradient_accumulation_steps": 4,
+    "eval_gradient_accumulation_steps": 2,
+    "eval_fraction": 0.05,
+    "evals_per_epoch": 4,
+    "checkpoint_interval_hours": 2,
+    "max_checkpoints": 5,
+}
+EXAMPLE_DATASET_VALUES = [
+    {"dataset_path": "data/a.jsonl", "control_class": 1, "max_tokens": 1000},
+    {"dataset_path": "data/b/*.txt", "control_class": -1, "max_tokens": 2000},
+    {"dataset_path": "data/c.parquet", "control_class": 0, "max_tokens": 300},
+]
+
+
+def example_config(example: str) -> dict:
+    """A qlora-pipe-lite config with the keys and switches of ``examples/config_{example}.toml``."""
+    config = {key: EXAMPLE_VALUES[key] for key in EXAMPLE_KEYS[example] + EXAMPLE_COMMON_KEYS}
+    config["datasets"] = [
+        {key: values[key] for key in keys}
+        for keys, values in zip(EXAMPLE_DATASET_KEYS[example], EXAMPLE_DATASET_VALUES)
+    ]
+    return config
+
+
+@pytest.mark.parametrize("example", list(EXAMPLE_KEYS))
+def test_example_configs_convert(example, tmp_path):
+    toml_config = example_config(example)
+    path = tmp_path / f"config_{example}.toml"
+    path.write_text(toml_text(toml_config))
+    converted = import_qlora_pipe_config(path)
+
+    method, base = EXAMPLE_EXPECTED[example]
+    model = converted["model"]
+    assert model["method"]["class_path"] == method
+    assert model.get("base") == base
+    assert set(toml_config) - SPECIAL <= set(PLACES)
+    for key, value in toml_config.items():
+        if key in PLACES:
+            assert at(converted, PLACES[key]) == value and type(at(converted, PLACES[key])) is type(value), key
+    method_keys = [key for key in toml_config if PLACES.get(key, ())[:2] == ("model", "method")]
+    assert list(model["method"].get("init_args", {})) == [PLACES[key][-1] for key in method_keys]
+    assert model["betas"] == [toml_config["beta1"], toml_config["beta2"]]
+    assert converted["trainer"]["devices"] == toml_config["pipeline_stages"]
+    assert converted["data"]["datasets"] == toml_config["datasets"]
+    assert list(model) == ["model_dir", "dtype", "method", *(["base"] if base else []), "lr", "betas", "eps"]
+
+
+def class_of(class_path: str):
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("example", list(EXAMPLE_KEYS))
+def test_example_options_are_the_classes_own(example):
+    """The CLI rejects init_args a class does not take: each written option is a parameter of its class, and the
+    method builds from them (the base is only checked by signature: building it needs bitsandbytes)."""
+    model = import_qlora_pipe_config(toml_text(example_config(example)))["model"]
+    method = class_of(model["method"]["class_path"])
+    init_args = model["method"].get("init_args", {})
+    assert set(init_args) <= set(inspect.signature(method).parameters)
+    method(**init_args)
+    if "base" in model:
+        assert set(model["base"]["init_args"]) <= set(
+            inspect.signature(class_of(model["base"]["class_path"])).parameters
+        )
+
+
+def test_control_adapters_on_a_4bit_base():
+    converted = import_qlora_pipe_config(
+        "model_dir = '/m'\nuse_control_adapters = true\nload_in_4bit = true\ncontrol_adapter_gamma = 0.25\n"
+        "[[datasets]]\ndataset_path = 'd'\ncontrol_class = 1\n"
+    )
+    assert converted["model"]["method"] == {"class_path": CONTROL, "init_args": {"gamma": 0.25}}
+    assert converted["model"]["base"] == BASE_4BIT
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        "full_fine_tune = true\nlora_weight_decay = 0.0",
+        "full_fine_tune = true\nlora_dropout = 0.0",
+        "use_control_adapters = true\ntarget_modules = []",
+    ],
+)
+def test_options_that_ask_for_nothing_are_dropped(lines):
+    converted = import_qlora_pipe_config(f"model_dir = '/m'\n{lines}\n[[datasets]]\ndataset_path = 'd'\n")
+    assert "init_args" not in converted["model"]["method"]
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -296,12 +457,7 @@ def test_unknown_keys_listed_in_one_error():
 
 
 @pytest.mark.parametrize(
-    "first, second",
-    [
-        ("full_fine_tune", "load_in_4bit"),
-        ("full_fine_tune", "use_control_adapters"),
-        ("use_control_adapters", "load_in_4bit"),
-    ],
+    "first, second", [("full_fine_tune", "load_in_4bit"), ("full_fine_tune", "use_control_adapters")]
 )
 def test_contradictory_mode_keys(first, second):
     text = f"model_dir = '/m'\n{first} = true\n{second} = true\n[[datasets]]\ndataset_path = 'd'\n"
@@ -319,6 +475,11 @@ def test_contradictory_mode_keys(first, second):
         ("target_modules = []", r"target_modules=\[\]: lit-qlp takes 'all-linear' or a non-empty list"),
         ("use_control_adapters = true\ntarget_modules = ['q_proj']", r"target_modules=\['q_proj'\].*remove target_mod"),
         ("full_fine_tune = true\nlora_weight_decay = 1.0", r"lora_weight_decay=1.0.*remove lora_weight_decay"),
+        ("control_adapter_gamma = 0.25", r"control_adapter_gamma=0.25 .*this config trains LoRA.*remove control_adap"),
+        ("full_fine_tune = true\ncontrol_adapter_gamma = 0.5", r"control_adapter_gamma=0.5 .*remove control_adapter"),
+        ("full_fine_tune = true\nlora_rank = 16", r"lora_rank=16 .*full fine-tuning.*no rank; remove lora_rank"),
+        ("full_fine_tune = true\nlora_dropout = 0.1", r"lora_dropout=0.1 .*no dropout; remove lora_dropout"),
+        ("full_fine_tune = true\nlora_weight_dtype = 'float32'", r"lora_weight_dtype='float32'.*remove lora_weight"),
     ],
 )
 def test_values_lit_qlp_cannot_take(lines, pattern):

@@ -7,9 +7,9 @@ import torch
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear, lora_tensors
 from lit_qlp.kernels import TokenWeightedLoss
-from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
+from lit_qlp.models.pipeline import ModelSource
 from lit_qlp.module import shift_left
-from tests.tiny_models import VOCAB, load_hf
+from tests.tiny_models import VOCAB, load_hf, stage_layers
 
 peft = pytest.importorskip("peft")
 
@@ -27,8 +27,7 @@ def build_lit_layers(model_dir, rank: int, target_modules, layers_to_transform=N
         seed=0,
     )
     loss_fn = TokenWeightedLoss()
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i, adapter) for i in range(n)]
-    layers.append(OutputPipe(source, loss_fn))
+    layers = stage_layers(source, adapter, loss=loss_fn)
     # B starts at zero, which would make A's gradient zero; give every B a value so both gradients are tested.
     generator = torch.Generator().manual_seed(1)
     for layer in layers:
@@ -76,7 +75,7 @@ def test_first_step_loss_and_lora_gradients_match_peft(tiny_model, arch, target_
     labels[0, :12] = -100
 
     # The pipeline's own loss (fused head + cross-entropy), normalised by the step's label tokens.
-    loss_fn.normalizer = float((shift_left(labels, -100) != -100).sum())
+    loss_fn.normalize_by(float((shift_left(labels, -100) != -100).sum()))
     loss = 0.0
     for i in range(2):
         x = (ids[i : i + 1], torch.arange(20).unsqueeze(0), torch.zeros_like(ids[i : i + 1]))

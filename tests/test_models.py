@@ -9,9 +9,9 @@ import torch
 import torch.multiprocessing as mp
 
 from lit_qlp.kernels import TokenWeightedLoss
-from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe, PositionCache
+from lit_qlp.models.pipeline import ModelSource, PositionCache
 from lit_qlp.module import shift_left
-from tests.tiny_models import ARCHITECTURES, VOCAB, load_hf
+from tests.tiny_models import ARCHITECTURES, VOCAB, load_hf, stage_layers
 
 SEQ = 24  # longer than the sliding windows (8) of the tiny mistral and gemma2
 
@@ -31,16 +31,14 @@ def run_layers(layers, input_ids: torch.Tensor) -> torch.Tensor:
 def test_one_stage_matches_hf(tiny_model, arch):
     model_dir = tiny_model(arch)
     source = ModelSource(model_dir, dtype="float32")
-    layers = [EmbeddingPipe(source)]
-    layers += [DecoderLayerPipe(source, i) for i in range(source.quirks.num_layers)]
     loss_fn = TokenWeightedLoss()
-    layers.append(OutputPipe(source, loss_fn))
+    layers = stage_layers(source, loss=loss_fn)
     hf = load_hf(model_dir, source.config._attn_implementation)
     ids = batch()
     labels = ids.clone()
     labels[0, :5] = -100
     shifted = shift_left(labels, -100)
-    loss_fn.normalizer = float((shifted != -100).sum())
+    loss_fn.normalize_by(float((shifted != -100).sum()))
     with torch.no_grad():
         hidden = run_layers(layers, ids)
         reference = hf(ids, labels=labels)
@@ -62,8 +60,7 @@ def test_mask_and_rotary_are_computed_once_per_micro_batch(tiny_model, monkeypat
     model_dir = tiny_model("llama")
     source = ModelSource(model_dir, dtype="float32")
     assert source.quirks.num_layers > 1
-    layers = [EmbeddingPipe(source), *(DecoderLayerPipe(source, i) for i in range(source.quirks.num_layers))]
-    head = OutputPipe(source)
+    *layers, head = stage_layers(source)
     hf = load_hf(model_dir, source.config._attn_implementation)
     ids = batch()
     plain = torch.arange(SEQ).unsqueeze(0)
@@ -112,12 +109,13 @@ def _two_stage_worker(rank: int, world_size: int, port: int, model_dirs: dict, o
     import os
 
     import deepspeed
-    from deepspeed.runtime.pipe.topology import ProcessTopology
 
+    from lit_qlp.compat.deepspeed import skip_cpu_shm_comm_build
+    from lit_qlp.methods import LoRA
     from lit_qlp.module import CausalLMModule
-    from lit_qlp.strategies.deepspeed_patches import skip_cpu_shm_comm_build
+    from lit_qlp.strategies.engine import build_engine, build_pipeline, engine_config
     from lit_qlp.strategies.partition import partition_layers
-    from lit_qlp.strategies.pipeline import _pipeline_module_class
+    from lit_qlp.strategies.pipeline import process_topology
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -127,21 +125,16 @@ def _two_stage_worker(rank: int, world_size: int, port: int, model_dirs: dict, o
     deepspeed.init_distributed("gloo")
     try:
         for arch, model_dir in model_dirs.items():
-            module = CausalLMModule(model_dir, dtype="float32", lora_rank=4)
+            module = CausalLMModule(model_dir, dtype="float32", method=LoRA(rank=4))
             spec = module.pipeline_spec(torch.device("cpu"))
             types = [s.typename.__name__ for s in spec.layers]
             parts = partition_layers("type:decoder", world_size, spec.parameter_counts, types)
-            pipe = _pipeline_module_class()(
-                parts=parts,
-                layers=spec.layers,
-                topology=ProcessTopology(axes=["pipe", "data"], dims=[world_size, 1]),
-                loss_fn=spec.loss_fn,
-            )
-            config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
-            engine, *_ = deepspeed.initialize(model=pipe, config=config)
+            topology = process_topology(world_size, 1, column_major=False)
+            pipe = build_pipeline(spec, parts, topology, activation_checkpointing=False)
+            engine = build_engine(pipe, None, engine_config(gradient_accumulation_steps=1, gradient_clipping=0.0))
             ids = batch()
             labels = shift_left(ids, -100)
-            spec.loss_fn.normalizer = float((labels != -100).sum())
+            spec.loss_fn.normalize_by(float((labels != -100).sum()))
             micro = ((ids, torch.arange(SEQ).unsqueeze(0), torch.zeros_like(ids)), labels)
             loss, hidden = engine.eval_batch(iter([micro]), return_logits=True, num_micro_batches=1)
             if engine.is_last_stage():

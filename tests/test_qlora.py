@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lit_qlp.bases import BitsAndBytes4bit
 from lit_qlp.kernels import TokenWeightedLoss
-from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
+from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, StageBuilder
 from lit_qlp.models.quantize import Quantization, check_bitsandbytes
 from tests.test_training import ROOT, TWO_STAGES, assert_same_losses, fit_args, run_cli, scalars
-from tests.tiny_models import VOCAB
+from tests.tiny_models import VOCAB, stage_layers
 
 bnb = pytest.importorskip("bitsandbytes")
 
 
 def quantized_pipeline(model_dir, quantization, device="cpu", dtype="float32"):
-    source = ModelSource(model_dir, dtype=dtype, device=device, quantization=quantization)
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i) for i in range(source.quirks.num_layers)]
-    layers.append(OutputPipe(source, TokenWeightedLoss()))
-    return layers
+    source = ModelSource(model_dir, dtype=dtype)
+    base = None if quantization is None else BitsAndBytes4bit(quantization.quant_type, quantization.double_quant)
+    return stage_layers(source, base=base, loss=TokenWeightedLoss(), device=device)
 
 
 def pipeline_logits(layers, ids):
@@ -67,9 +67,9 @@ def test_quantized_pipeline_logits_equal_transformers_bitsandbytes(tiny_model, a
 def test_lora_on_4bit_layers_gets_gradients_and_the_base_stays_frozen(tiny_model):
     from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
 
-    source = ModelSource(tiny_model("llama"), dtype="float32", quantization=Quantization(compute_dtype=torch.float32))
+    builder = StageBuilder(ModelSource(tiny_model("llama"), dtype="float32"), torch.device("cpu"), BitsAndBytes4bit())
     adapter = LoraAdapter(4, 4, 0.0, "all-linear", [0], torch.float32, seed=0)
-    layer = DecoderLayerPipe(source, 0, adapter)
+    layer = DecoderLayerPipe(builder, 0, adapter)
     loras = [m for m in layer.modules() if isinstance(m, LoraLinear)]
     assert loras and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in loras)
     for m in loras:
@@ -87,7 +87,7 @@ def test_lora_on_4bit_layers_gets_gradients_and_the_base_stays_frozen(tiny_model
     assert not any(p.requires_grad for m in loras for p in m.base_layer.parameters())
 
 
-QLORA = ("--model.mode=qlora",)
+QLORA = ("--model.base=lit_qlp.bases.BitsAndBytes4bit",)
 
 
 @pytest.fixture(scope="module")
@@ -135,29 +135,30 @@ def test_qlora_across_two_stages_gives_the_same_losses(tiny_model, corpus, qlora
 
 
 def test_embeddings_on_cpu_give_the_same_hidden_states_and_are_not_module_parameters(tiny_model):
-    source = ModelSource(tiny_model("llama"), dtype="float32")
-    on_device, on_cpu = EmbeddingPipe(source), EmbeddingPipe(source, on_cpu=True)
+    builder = StageBuilder(ModelSource(tiny_model("llama"), dtype="float32"), torch.device("cpu"))
+    on_device, on_cpu = EmbeddingPipe(builder), EmbeddingPipe(builder, on_cpu=True)
     assert list(on_cpu.parameters()) == []  # the engine's .to(device) cannot move it
     ids = torch.randint(3, VOCAB, (2, 9))
     x = (ids, torch.arange(9).unsqueeze(0), torch.zeros_like(ids))
     torch.testing.assert_close(on_cpu(x)[0], on_device(x)[0])
 
 
-def test_check_bitsandbytes_names_the_mode_and_the_fix(monkeypatch):
+def test_check_bitsandbytes_names_the_option_and_the_fix(monkeypatch):
     check_bitsandbytes(torch.device("cpu"))  # works on this machine
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image")
 
     monkeypatch.setattr(bnb.functional, "quantize_4bit", broken)
-    with pytest.raises(RuntimeError, match=r"model.mode=qlora: bitsandbytes .* cannot run 4-bit matmuls on cpu"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"model.base BitsAndBytes4bit: bitsandbytes .* cannot run 4-bit matmuls on cpu.*remove model.base",
+    ):
         check_bitsandbytes(torch.device("cpu"))
 
 
 def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_model, monkeypatch):
     import builtins
-
-    from lit_qlp.module import CausalLMModule
 
     real_import = builtins.__import__
 
@@ -167,8 +168,8 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_model, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
-    with pytest.raises(RuntimeError, match=r"model.mode=qlora needs bitsandbytes.*pip install bitsandbytes"):
-        CausalLMModule(tiny_model("llama"), mode="qlora")
+    with pytest.raises(RuntimeError, match=r"model.base BitsAndBytes4bit needs bitsandbytes.*pip install bitsandbytes"):
+        BitsAndBytes4bit()
 
 
 @pytest.mark.gpu

@@ -17,9 +17,21 @@ STORED = json.loads((Path(__file__).parent / "reference_losses.json").read_text(
 # Today's options for each stored run (the stored file keeps the options of the commit that computed it).
 OPTIONS = {
     "demo": ["--trainer.max_steps=30"],
-    "demo_lora_decay": ["--trainer.max_steps=12", "--model.lora_weight_decay=0.5"],
-    "full": ["--trainer.max_steps=12", "--model.mode=full", "--model.target_modules=null", "--model.lr=1e-3"],
-    "control": ["--trainer.max_steps=12", "--model.mode=control", "--model.lr=2e-2", "--model.lora_weight_decay=0.1"],
+    "demo_lora_decay": ["--trainer.max_steps=12", "--model.method.weight_decay=0.5"],
+    # A new class_path keeps the init_args it shares with the old one: target_modules of the demo's LoRA.
+    "full": [
+        "--trainer.max_steps=12",
+        "--model.method=lit_qlp.methods.FullFineTuning",
+        "--model.method.target_modules=null",
+        "--model.lr=1e-3",
+    ],
+    "control": [
+        "--trainer.max_steps=12",
+        "--model.method=lit_qlp.methods.ControlAdapters",
+        "--model.method.rank=16",
+        "--model.method.weight_decay=0.1",
+        "--model.lr=2e-2",
+    ],
 }
 
 

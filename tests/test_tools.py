@@ -139,8 +139,7 @@ def test_merge_from_the_command_line(tmp_path):
 def test_merge_refuses_what_it_cannot_merge(tmp_path):
     from safetensors.torch import save_file
 
-    from lit_qlp.adapters.lora import peft_adapter_config
-    from lit_qlp.export.merge import read_lora
+    from lit_qlp.formats.peft import peft_adapter_config, read_lora_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -149,10 +148,10 @@ def test_merge_refuses_what_it_cannot_merge(tmp_path):
     key = "base_model.model.model.embed_tokens.lora_embedding_A"
     save_file({key: torch.zeros(4, 8)}, adapter / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="other than linear LoRA pairs.*embed_tokens.lora_embedding_A"):
-        read_lora(adapter)
+        read_lora_adapter(adapter)
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
     with pytest.raises(ValueError, match="modules_to_save"):
-        read_lora(adapter)
+        read_lora_adapter(adapter)
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "CONTROL_ADAPTER"}))
     with pytest.raises(ValueError, match="control_adapter_to_lora.py first"):
-        read_lora(adapter)
+        read_lora_adapter(adapter)

@@ -56,7 +56,7 @@ def fit_args(model_dir: Path, corpus: Path, root: Path, *extra: str) -> list[str
         "--config",
         str(ROOT / "configs" / "demo.yaml"),
         f"--model.model_dir={model_dir}",
-        "--model.lora_rank=4",
+        "--model.method.rank=4",
         "--model.lr=1e-2",
         f"--data.datasets=[{{dataset_path: {corpus}}}]",
         "--data.sequence_len=64",
@@ -138,8 +138,8 @@ def test_resume_from_checkpoint_continues_exactly(tiny_model, corpus, reference_
 def test_epoch_adapter_loads_in_peft_with_the_trained_logits(tiny_model, corpus, tmp_path):
     peft = pytest.importorskip("peft")
     from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
-    from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, OutputPipe
-    from tests.tiny_models import load_hf
+    from lit_qlp.models.pipeline import ModelSource
+    from tests.tiny_models import load_hf, stage_layers
 
     model_dir = tiny_model("llama")
     run_cli(fit_args(model_dir, corpus, tmp_path, "--trainer.max_epochs=1", "--checkpoint.every_n_train_steps=0"), ROOT)
@@ -150,7 +150,7 @@ def test_epoch_adapter_loads_in_peft_with_the_trained_logits(tiny_model, corpus,
     source = ModelSource(model_dir, dtype="float32")
     n = source.quirks.num_layers
     adapter = LoraAdapter(4, 4, 0.0, "all-linear", range(n), torch.float32, seed=0)
-    layers = [EmbeddingPipe(source)] + [DecoderLayerPipe(source, i, adapter) for i in range(n)] + [OutputPipe(source)]
+    layers = stage_layers(source, adapter)
     (step_dir,) = (tmp_path / "checkpoints" / "last.ckpt").resolve().glob("global_step*")
     for index, layer in enumerate(layers):
         state = torch.load(step_dir / f"layer_{index:02d}-model_states.pt", weights_only=False)
@@ -320,7 +320,7 @@ def test_data_parallel_resume_mid_epoch_is_exact_and_sees_every_sequence_once(ti
 
 def test_lora_weight_decay_shrinks_ba_and_is_reported(tiny_model, corpus, reference_run, tmp_path):
     run_cli(
-        fit_args(tiny_model("llama"), corpus, tmp_path, "--trainer.max_steps=4", "--model.lora_weight_decay=5"), ROOT
+        fit_args(tiny_model("llama"), corpus, tmp_path, "--trainer.max_steps=4", "--model.method.weight_decay=5"), ROOT
     )
     decay = scalars(tmp_path, "train/weight_decay_avg")
     assert sorted(decay) == list(range(4)) and all(d > 0 for d in decay.values())  # the decay follows each step

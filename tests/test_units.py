@@ -463,10 +463,10 @@ def test_token_weighted_loss_is_the_fused_head_loss_divided_by_normalizer():
     assert loss_fn.normalizer == 1.0
     reference = F.cross_entropy((hidden @ weight.T).reshape(-1, 10), labels.reshape(-1), reduction="sum")
     torch.testing.assert_close(loss_fn(hidden, labels), reference)
-    loss_fn.normalizer = 3.5
+    loss_fn.normalize_by(3.5)
     torch.testing.assert_close(loss_fn(hidden, labels), reference / 3.5)
     # With the normalizer at the label-token count it is the usual mean loss.
-    loss_fn.normalizer = float((labels != -100).sum())
+    loss_fn.normalize_by(float((labels != -100).sum()))
     mean = F.cross_entropy((hidden @ weight.T).reshape(-1, 10), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(loss_fn(hidden, labels), mean)
 
@@ -489,11 +489,11 @@ def test_composite_decay_is_a_gradient_step_on_half_the_squared_norm_of_ba():
     assert torch.linalg.matrix_norm(lora.lora_B.weight @ lora.lora_A.weight) < norm_before
 
 
-def test_lora_weight_decay_needs_float32_lora_weights(tiny_model):
-    from lit_qlp.module import CausalLMModule
+def test_lora_weight_decay_needs_float32_lora_weights():
+    from lit_qlp.methods import LoRA
 
-    with pytest.raises(ValueError, match=r"lora_weight_decay needs float32 .*lora_weight_dtype='bfloat16'"):
-        CausalLMModule(tiny_model("llama"), lora_weight_decay=0.1, lora_weight_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"method.weight_decay needs float32 .*method.weight_dtype='bfloat16'"):
+        LoRA(weight_decay=0.1, weight_dtype="bfloat16")
 
 
 def _offload_layer():

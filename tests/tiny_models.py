@@ -90,3 +90,12 @@ def load_hf(model_dir: Path, attn_implementation: str):
     return AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=attn_implementation
     ).eval()
+
+
+def stage_layers(source, adapter=None, base=None, trainable=frozenset(), loss=None, device="cpu") -> list:
+    """``[EmbeddingPipe, DecoderLayerPipe × N, OutputPipe]`` of ``source`` built in one process (one stage)."""
+    from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, OutputPipe, StageBuilder
+
+    builder = StageBuilder(source, torch.device(device), base, frozenset(trainable))
+    decoders = [DecoderLayerPipe(builder, i, adapter) for i in range(source.quirks.num_layers)]
+    return [EmbeddingPipe(builder), *decoders, OutputPipe(builder, loss)]

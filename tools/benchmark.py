@@ -24,7 +24,7 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-qlora-offload``: the same with the checkpointed layer inputs in CPU memory and the embedding on the CPU.
 - ``lit-qlora-no-ckpt``: QLoRA without activation checkpointing (what checkpointing saves and costs).
 - ``lit-full``: full fine-tuning, bf16 weights, optimi Adam with Kahan summation.
-- ``lit-lora-fast`` / ``lit-qlora-fast``: the low-rank path computed in bf16 (``lora_compute_in_weight_dtype:
+- ``lit-lora-fast`` / ``lit-qlora-fast``: the low-rank path computed in bf16 (LoRA's ``compute_in_weight_dtype:
   false``).
 - ``lit-lora-compile`` / ``lit-qlora-compile``: the fast path with each decoder layer under ``torch.compile``
   (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload``
@@ -243,26 +243,41 @@ def run_hf(args, mode: str) -> dict:
     return {"tokens_per_s": args.seq / step, "peak_gib": peak_memory(device)}
 
 
+FAST = dict(compute_in_weight_dtype=False)
 LIT_MODES = {
-    "lit-lora": dict(mode="lora"),
-    "lit-qlora": dict(mode="qlora"),
-    "lit-qlora-offload": dict(mode="qlora", activation_offload=True, embeddings_on_cpu=True),
-    "lit-qlora-no-ckpt": dict(mode="qlora", activation_checkpointing=False),
-    "lit-full": dict(mode="full"),
-    "lit-lora-fast": dict(mode="lora", lora_compute_in_weight_dtype=False),
-    "lit-qlora-fast": dict(mode="qlora", lora_compute_in_weight_dtype=False),
-    "lit-lora-compile": dict(mode="lora", lora_compute_in_weight_dtype=False, compile_layers=True),
-    "lit-qlora-compile": dict(mode="qlora", lora_compute_in_weight_dtype=False, compile_layers=True),
-    "lit-lora-compile-embcpu": dict(
-        mode="lora", lora_compute_in_weight_dtype=False, compile_layers=True, embeddings_on_cpu=True
-    ),
-    "lit-qlora-compile-embcpu": dict(
-        mode="qlora", lora_compute_in_weight_dtype=False, compile_layers=True, embeddings_on_cpu=True
-    ),
-    "lit-lora-compile-offload": dict(
-        mode="lora", lora_compute_in_weight_dtype=False, compile_layers=True, activation_offload=True
-    ),
+    "lit-lora": dict(training="lora"),
+    "lit-qlora": dict(training="qlora"),
+    "lit-qlora-offload": dict(training="qlora", activation_offload=True, embeddings_on_cpu=True),
+    "lit-qlora-no-ckpt": dict(training="qlora", activation_checkpointing=False),
+    "lit-full": dict(training="full"),
+    "lit-lora-fast": dict(training="lora", **FAST),
+    "lit-qlora-fast": dict(training="qlora", **FAST),
+    "lit-lora-compile": dict(training="lora", **FAST, compile_layers=True),
+    "lit-qlora-compile": dict(training="qlora", **FAST, compile_layers=True),
+    "lit-lora-compile-embcpu": dict(training="lora", **FAST, compile_layers=True, embeddings_on_cpu=True),
+    "lit-qlora-compile-embcpu": dict(training="qlora", **FAST, compile_layers=True, embeddings_on_cpu=True),
+    "lit-lora-compile-offload": dict(training="lora", **FAST, compile_layers=True, activation_offload=True),
 }
+"""Each lit mode: ``training`` (lora: LoRA on a bf16 base; qlora: LoRA on an nf4 double-quant base; full), the
+LoRA's ``compute_in_weight_dtype``, the strategy's activation options and the module's other options."""
+
+
+def lit_module_options(options: dict, rank: int) -> tuple[dict, dict]:
+    """``CausalLMModule`` and ``PipelineStrategy`` keyword arguments of a ``LIT_MODES`` entry."""
+    from lit_qlp.bases import BitsAndBytes4bit
+    from lit_qlp.methods import FullFineTuning, LoRA
+
+    options = dict(options)
+    training = options.pop("training")
+    strategy = {k: options.pop(k) for k in ("activation_checkpointing", "activation_offload") if k in options}
+    lora = {k: options.pop(k) for k in ("compute_in_weight_dtype",) if k in options}
+    if training == "full":
+        options["method"] = FullFineTuning()
+    else:
+        options["method"] = LoRA(rank=rank, **lora)
+    if training == "qlora":
+        options["base"] = BitsAndBytes4bit("nf4", double_quant=True)
+    return options, strategy
 
 
 def run_lit(args, mode: str) -> dict:
@@ -320,11 +335,8 @@ def run_lit(args, mode: str) -> dict:
             rows = [{"input_ids": r, "labels": r} for r in ids]
             return DataLoader(rows, batch_size=args.micro_batches)
 
-    options = dict(LIT_MODES[mode])
-    strategy_options = {k: options.pop(k) for k in ("activation_checkpointing", "activation_offload") if k in options}
-    module = CausalLMModule(
-        args.model_dir, dtype="bfloat16", lora_rank=args.rank, lr=1e-5, random_weights=args.random_weights, **options
-    )
+    options, strategy_options = lit_module_options(LIT_MODES[mode], args.rank)
+    module = CausalLMModule(args.model_dir, dtype="bfloat16", lr=1e-5, random_weights=args.random_weights, **options)
     vocab = module.source.config.vocab_size
     replicas = args.devices // args.pipeline_stages
     steps = args.warmup + args.steps + (1 if args.profile else 0)
@@ -357,7 +369,7 @@ RUNNERS = {
     **{mode: functools.partial(run_hf, mode=mode) for mode in ("hf-lora", "hf-qlora", "hf-qlora-kbit", "hf-full")},
 }
 # Each lit mode against the HF baseline of its training mode; the usual QLoRA recipe against the fastest one.
-BASELINE = {mode: f"hf-{options['mode']}" for mode, options in LIT_MODES.items()} | {"hf-qlora-kbit": "hf-qlora"}
+BASELINE = {mode: f"hf-{options['training']}" for mode, options in LIT_MODES.items()} | {"hf-qlora-kbit": "hf-qlora"}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Shows that lit_qlp's speed is not bought with different maths. Both sides train 
 LoRA r = alpha on all linear layers, no dropout, the same initial A and B (lit_qlp's, loaded into PEFT), optimi
 Adam with the same settings, a constant learning rate and gradient clipping at 1.0. lit_qlp runs its real path
 (Trainer + PipelineStrategy, one process); the baseline averages the per-sequence losses of a PEFT model (with
-transformers' own non-reentrant activation checkpointing). ``--fast`` sets ``lora_compute_in_weight_dtype:
+transformers' own non-reentrant activation checkpointing). ``--fast`` sets LoRA's ``compute_in_weight_dtype:
 false`` on the lit_qlp side, ``--compile`` ``compile_layers: true``. Prints the per-step losses, their relative
 difference and the largest one.
 """
@@ -53,15 +53,10 @@ def lit_losses(args, initial: Path) -> list[float]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    module = CausalLMModule(
-        args.model_dir,
-        mode=args.mode,
-        dtype=args.dtype,
-        lora_rank=args.rank,
-        lr=args.lr,
-        lora_compute_in_weight_dtype=not args.fast,
-        compile_layers=args.compile,
-    )
+    from benchmark import lit_module_options
+
+    options, _ = lit_module_options({"training": args.mode, "compute_in_weight_dtype": not args.fast}, args.rank)
+    module = CausalLMModule(args.model_dir, dtype=args.dtype, lr=args.lr, compile_layers=args.compile, **options)
     ids = sequences(module.source.config.vocab_size, args)
 
     class Data(pl.LightningDataModule):

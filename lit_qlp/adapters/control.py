@@ -8,16 +8,12 @@ A decoder layer maps ``h`` to ``h + δ``. The adapter of layer i holds ``Q`` (H�
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from lit_qlp.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, layer_generator
-
-CONTROL_PEFT_TYPE = "CONTROL_ADAPTER"
+from lit_qlp.adapters.lora import layer_generator
 
 
 def control_scale(classes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -49,7 +45,7 @@ class ControlAdapterLayer(nn.Module):
             alike).
     """
 
-    accepts_control_classes = True
+    takes_control_classes = True
 
     def __init__(
         self,
@@ -76,6 +72,11 @@ class ControlAdapterLayer(nn.Module):
         delta = self.dropout(output - hidden_states).to(self.control_Q.dtype)
         scaled = (delta @ self.control_Q) * control_scale(control_classes, self.control_S)
         return output + (scaled @ self.control_Q.T).to(output.dtype)
+
+    @torch.no_grad()
+    def update_norm(self) -> torch.Tensor:
+        """The largest gain of the adapter on ``δ``, ``max |expm1(S)|``; 0-dim."""
+        return torch.expm1(self.control_S.float()).abs().max()
 
 
 class ControlAdapter:
@@ -133,58 +134,9 @@ def regularize_(adapter: ControlAdapterLayer, gamma: float, lr: float, weight_de
     }
 
 
-def control_tensors(layers: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
-    """``base_model.model.model.layers.{i}.control_Q`` / ``control_S`` of the pipeline layers that hold adapters."""
-    out = {}
-    for layer in layers:
-        inner = getattr(layer, "layer", None)
-        if isinstance(inner, ControlAdapterLayer):
-            for name in ("control_Q", "control_S"):
-                tensor = getattr(inner, name).detach().to("cpu", copy=True).contiguous()
-                out[f"{PEFT_PREFIX}{layer.hf_prefix}.{name}"] = tensor
-    return out
-
-
-def control_adapter_config(base_model: str, rank: int, dropout: float, layers: list[int], gamma: float) -> dict:
-    """``adapter_config.json`` of a Control Adapter (lit-qlp's format; PEFT has no such adapter type)."""
-    return {
-        "peft_type": CONTROL_PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "control_dropout": dropout,
-        "control_adapter_gamma": gamma,
-        "layers_to_transform": list(layers),
-        "inference_mode": True,
-    }
-
-
-def load_control_adapter(directory: Path) -> tuple[dict, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Reads an exported Control Adapter: its config and ``{layer: (Q, S)}``."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type") != CONTROL_PEFT_TYPE:
-        raise ValueError(
-            f"{directory / ADAPTER_CONFIG} is not a Control Adapter (peft_type {config.get('peft_type')!r})"
-        )
-    tensors = load_file(directory / ADAPTER_WEIGHTS)
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, q in tensors.items():
-        if key.endswith(".control_Q"):
-            index = int(key.split("model.layers.")[1].split(".")[0])
-            layers[index] = (q, tensors[key[: -len("control_Q")] + "control_S"])
-    return config, dict(sorted(layers.items()))
-
-
 __all__ = [
-    "CONTROL_PEFT_TYPE",
     "ControlAdapter",
     "ControlAdapterLayer",
-    "control_adapter_config",
     "control_scale",
-    "control_tensors",
-    "load_control_adapter",
     "regularize_",
 ]

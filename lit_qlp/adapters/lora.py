@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lit_qlp.adapters.targeting import ALL_LINEAR, linear_names, match_targets
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
+from lit_qlp.formats.peft import (
+    PEFT_PREFIX,
+    lora_scaling,
+)
 
 
 class LoraLinear(nn.Module):
@@ -27,13 +25,14 @@ class LoraLinear(nn.Module):
     Args:
         base_layer: The frozen linear layer.
         rank: Rank r of the update.
-        alpha: The update is scaled by ``alpha / rank``.
+        alpha: The update is scaled by ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
         dropout: Dropout probability on the adapter's input (no copy is made when 0).
         dtype: Dtype of ``A`` and ``B``; the input is cast to it and the update cast back.
         generator: RNG for ``A``'s initialisation (seeded per layer so that every pipeline layout starts alike).
         compute_in_input_dtype: Compute the low-rank path in the input's dtype with ``A`` and ``B`` cast to it
             (bf16 matmuls, no float32 copy of the input) instead of in ``dtype``; the weights, their gradients
             and the optimizer state stay in ``dtype``.
+        use_rslora: Rank-stabilised LoRA: scale by ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``).
     """
 
     def __init__(
@@ -45,6 +44,7 @@ class LoraLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
         compute_in_input_dtype: bool = False,
+        use_rslora: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -52,7 +52,7 @@ class LoraLinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=dtype)
-        self.scaling = alpha / rank
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
             weight = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
@@ -70,6 +70,12 @@ class LoraLinear(nn.Module):
         if self.scaling != 1.0:  # alpha = r (lit-qlp's default): no multiply by one
             update = update * self.scaling
         return out + update.to(out.dtype)
+
+    @torch.no_grad()
+    def update_norm(self) -> torch.Tensor:
+        """‖BA‖_F as ``sqrt(Σ (BᵀB) ∘ (AAᵀ))`` in rank space (the out × in product is never formed); 0-dim."""
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        return ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt()
 
 
 def layer_generator(seed: int, index: int) -> torch.Generator:
@@ -91,22 +97,9 @@ def composite_decay_(lora: LoraLinear, lr: float, weight_decay: float) -> None:
     b.sub_(grad_b, alpha=lr * weight_decay)
 
 
-@torch.no_grad()
-def _update_norm(lora: LoraLinear) -> torch.Tensor:
-    a, b = lora.lora_A.weight.float(), lora.lora_B.weight.float()
-    return ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt()
-
-
 def update_norm(lora: LoraLinear) -> float:
-    """‖BA‖_F of a LoRA pair, as ``sqrt(Σ (BᵀB) ∘ (AAᵀ))`` in rank space (the out × in product is never formed)."""
-    return float(_update_norm(lora))
-
-
-def update_norms(loras: Sequence[LoraLinear]) -> list[float]:
-    """``update_norm`` of each LoRA pair, read back from the device in one transfer (one synchronisation)."""
-    if not loras:
-        return []
-    return torch.stack([_update_norm(lora) for lora in loras]).tolist()
+    """‖BA‖_F of a LoRA pair (see ``LoraLinear.update_norm``)."""
+    return float(lora.update_norm())
 
 
 class LoraAdapter:
@@ -124,6 +117,7 @@ class LoraAdapter:
         dtype: Dtype of the LoRA weights.
         seed: Base seed of the per-layer initialisation RNG.
         compute_in_input_dtype: See ``LoraLinear``.
+        use_rslora: See ``LoraLinear``.
     """
 
     def __init__(
@@ -136,8 +130,10 @@ class LoraAdapter:
         dtype: torch.dtype,
         seed: int,
         compute_in_input_dtype: bool = False,
+        use_rslora: bool = False,
     ) -> None:
         self.compute_in_input_dtype = compute_in_input_dtype
+        self.use_rslora = use_rslora
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
@@ -161,6 +157,7 @@ class LoraAdapter:
                 self.dtype,
                 generator,
                 compute_in_input_dtype=self.compute_in_input_dtype,
+                use_rslora=self.use_rslora,
             )
             setattr(parent, child, lora)
         return layer
@@ -182,52 +179,12 @@ def lora_tensors(layers: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
-def peft_adapter_config(
-    base_model: str,
-    rank: int,
-    alpha: float,
-    dropout: float,
-    target_modules: Sequence[str],
-    layers_to_transform: Sequence[int] | None,
-) -> dict:
-    """A PEFT ``adapter_config.json`` for a LoRA adapter."""
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted(set(target_modules)),
-        "layers_to_transform": list(layers_to_transform) if layers_to_transform is not None else None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-
-
-def save_peft_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-
-
 __all__ = [
     "ALL_LINEAR",
     "LoraAdapter",
     "LoraLinear",
     "composite_decay_",
+    "lora_scaling",
     "update_norm",
-    "update_norms",
     "lora_tensors",
-    "peft_adapter_config",
-    "save_peft_adapter",
 ]

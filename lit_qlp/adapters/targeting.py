@@ -73,6 +73,6 @@ def check_targets(names: Sequence[str], target_modules: str | Sequence[str], whe
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(
-            f"model.target_modules entries {unmatched} match no linear layer of {where}; "
+            f"model.method.target_modules entries {unmatched} match no linear layer of {where}; "
             f"its linear layers are {leaves} (or use 'all-linear')"
         )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_qlp.compat.lightning import set_checkpoint_triggers
+
 
 class RunCheckpoint(ModelCheckpoint):
     """Resumable checkpoints: every ``checkpoint_interval_hours`` of training, at each epoch end and when training
@@ -60,8 +62,7 @@ class RunCheckpoint(ModelCheckpoint):
         )
         # Lightning takes one trigger at construction; its checks in on_train_batch_end and on_train_epoch_end
         # handle all three together.
-        self._every_n_train_steps = every_n_train_steps
-        self._every_n_epochs = 1 if save_on_epoch_end else 0
+        set_checkpoint_triggers(self, every_n_train_steps, every_n_epochs=1 if save_on_epoch_end else 0)
         self.checkpoint_interval_hours = checkpoint_interval_hours
         self.max_checkpoints = max_checkpoints
 

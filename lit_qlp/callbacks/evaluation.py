@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lit_qlp.compat.lightning import keep_first_loop_iter
+
 
 def evaluation_line(loss: float, last: float | None) -> str:
     """``new evaluation loss: X (last: Y, Δ: Z%)``; the first evaluation has no previous one."""
@@ -43,13 +45,12 @@ class EvaluationReport(Callback):
         if not sum(loop.max_batches):
             return
         # As Lightning's training loop runs its own evaluations.
-        first_loop_iter = trainer._logger_connector._first_loop_iter
-        trainer.validating = True
-        try:
-            loop.run()
-        finally:
-            trainer.training = True
-            trainer._logger_connector._first_loop_iter = first_loop_iter
+        with keep_first_loop_iter(trainer):
+            trainer.validating = True
+            try:
+                loop.run()
+            finally:
+                trainer.training = True
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
+
+
+@runtime_checkable
+class DataParallel(Protocol):
+    """A strategy that runs several replicas of the model (``PipelineStrategy``)."""
+
+    data_parallel_size: int
 
 
 def format_duration(seconds: float) -> str:
@@ -45,7 +53,7 @@ class ProgressReport(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self._start
         self.train_seconds += seconds
-        replicas = getattr(trainer.strategy, "data_parallel_size", 1)
+        replicas = trainer.strategy.data_parallel_size if isinstance(trainer.strategy, DataParallel) else 1
         sequences = int(batch["input_ids"].shape[0]) * replicas
         tokens = int(batch["input_ids"].numel()) * replicas
         self._recent = (self._recent + [(seconds, sequences, tokens)])[-self.window :]

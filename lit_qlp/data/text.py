@@ -22,7 +22,7 @@ from typing_extensions import override
 from lit_qlp.data.packing import Packed, pack, truncate_tokens
 from lit_qlp.data.sources import DatasetSource, dataset_files, read_documents
 from lit_qlp.data.tokenize import DocumentEncoder, TokenSpec, resolve_mask_tokens, resolve_sequence_prefix
-from lit_qlp.models.checkpoint import TOKENIZER_FILES
+from lit_qlp.formats.hf import TOKENIZER_FILES
 
 CACHE_FORMAT = "lit-qlp-data-1"
 COLUMNS = ("input_ids", "labels", "control_classes")

@@ -22,6 +22,25 @@ def checkpoint_step_dir(checkpoint_dir: Path) -> Path:
     return step_dir
 
 
+def module_from_config(model: dict, config_path: Path):
+    """The run's ``CausalLMModule`` from its config's ``model`` section, without its base format: what an export
+    holds does not depend on how the frozen base was stored (a full fine-tune has none)."""
+    from jsonargparse import ArgumentParser
+
+    from lit_qlp.module import CausalLMModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(CausalLMModule, "model")
+    model = {k: v for k, v in model.items() if k != "base"}
+    try:
+        parsed = parser.parse_object({"model": model})
+    except Exception as error:
+        raise ValueError(
+            f"--config {config_path}: its model section does not describe a lit-qlp model: {error}"
+        ) from None
+    return parser.instantiate(parsed).model
+
+
 def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: Path) -> Path:
     """Writes the export of a training checkpoint: a PEFT adapter, a Control Adapter or an HF model directory.
 
@@ -38,7 +57,8 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
     import yaml
     from deepspeed.pipe import TiedLayerSpec
 
-    from lit_qlp.module import CausalLMModule, SingleProcessStages
+    from lit_qlp.compat.deepspeed import layer_checkpoint_file
+    from lit_qlp.strategies.stages import SingleProcessStages
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -47,9 +67,8 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ValueError(f"--config {config_path} has no 'model' section; pass the run's <root>/config.yaml")
     step_dir = checkpoint_step_dir(checkpoint_dir)
-    module = CausalLMModule(**config["model"])
-    module.source.quantization = None  # adapters do not depend on how the frozen base was stored
-    device = torch.device("cpu" if module.mode == "full" else "meta")
+    module = module_from_config(config["model"], config_path)
+    device = torch.device("cpu" if module.method.export_reads_base_weights else "meta")
     spec = module.pipeline_spec(device)
     layers, tied = [], set()
     for index, layer_spec in enumerate(spec.layers):
@@ -58,7 +77,7 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
                 continue  # the tied head: the same module as the embedding, saved with it
             tied.add(layer_spec.key)
         layer = layer_spec.build()
-        path = step_dir / f"layer_{index:02d}-model_states.pt"
+        path = layer_checkpoint_file(step_dir, index)
         state = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
         trained = {n for n, p in layer.named_parameters() if p.requires_grad}
         absent = sorted(trained - set(state))
@@ -73,4 +92,4 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
     return output_dir
 
 
-__all__ = ["checkpoint_step_dir", "convert_ds_checkpoint"]
+__all__ = ["checkpoint_step_dir", "convert_ds_checkpoint", "module_from_config"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lit_qlp.adapters.control import load_control_adapter
-from lit_qlp.adapters.lora import PEFT_PREFIX, peft_adapter_config, save_peft_adapter
-from lit_qlp.models.checkpoint import copy_tokenizer_files
+from lit_qlp.formats.control import load_control_adapter
+from lit_qlp.formats.hf import copy_tokenizer_files
+from lit_qlp.formats.peft import PEFT_PREFIX, peft_adapter_config, save_peft_adapter
 
 
 def control_adapter_to_lora(
@@ -41,7 +41,7 @@ def control_adapter_to_lora(
     """
     from transformers import AutoConfig
 
-    from lit_qlp.models.checkpoint import CheckpointReader
+    from lit_qlp.formats.hf import CheckpointReader
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):

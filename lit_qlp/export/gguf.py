@@ -19,16 +19,17 @@ what its loader checks (``llama_adapter_lora_init_impl`` in ``src/llama-adapter.
 - Metadata: ``general.type = adapter``, ``general.architecture``, ``adapter.type = lora`` and
   ``adapter.lora.alpha``. llama.cpp multiplies each pair by ``alpha / r``, r read from lora_b.
 
-Not exported (a ValueError says so and what to do): LoRA on the token embeddings or the output head, full-weight
-``modules_to_save``, LoRA biases, DoRA, per-module ``alpha_pattern`` and activated LoRA (aLoRA).
+Not exported (a ValueError says so and what to do): LoRA on the token embeddings or the output head, and what
+``lit_qlp.formats.peft.read_lora_adapter`` refuses (full-weight ``modules_to_save``, LoRA biases, DoRA, per-module
+``rank_pattern``/``alpha_pattern``, activated LoRA (aLoRA) and the other LoRA variants).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +37,12 @@ import gguf
 import numpy as np
 import torch
 
-from lit_qlp.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from lit_qlp.formats.peft import ADAPTER_WEIGHTS, LoraAdapterFile, read_lora_adapter
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
 # Per-expert LoRA modules: <stem>.experts.<index>.<projection>, e.g. model.layers.0.mlp.experts.3.gate_proj.
 EXPERT_MODULE = re.compile(r"^(?P<stem>.+\.experts)\.(?P<expert>\d+)\.(?P<projection>[A-Za-z0-9_]+)$")
-EMBEDDING_NAMES = ("embed_tokens", "lm_head", "lora_embedding_A", "lora_embedding_B")
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -115,28 +116,6 @@ def rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, 2, half, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def _read_adapter_config(adapter_dir: Path) -> dict:
-    """The adapter's ``adapter_config.json``, refused where llama.cpp could not reproduce the adapter."""
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"--input {adapter_dir} has no {ADAPTER_CONFIG}; point it at a PEFT LoRA directory")
-    config = json.loads(path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not a LoRA; only LoRA adapters convert")
-    if config.get("use_dora"):
-        raise ValueError(f"{path}: DoRA adapters (use_dora: true) have no llama.cpp form; train a plain LoRA")
-    if config.get("alpha_pattern"):
-        raise ValueError(
-            f"{path}: alpha_pattern {config['alpha_pattern']} gives modules their own alpha, but a llama.cpp adapter "
-            "has one adapter.lora.alpha; retrain without alpha_pattern"
-        )
-    if config.get("alora_invocation_tokens") or config.get("invocation_string"):
-        raise ValueError(f"{path}: activated LoRA (aLoRA) is not exported; use llama.cpp's convert_lora_to_gguf.py")
-    if "lora_alpha" not in config:
-        raise ValueError(f"{path} has no lora_alpha; add the alpha the adapter was trained with")
-    return config
-
-
 def _base_config(config: dict) -> tuple[dict | None, Path | None]:
     """The base model's ``config.json`` found at ``base_model_name_or_path``, and its path; (None, path) if absent."""
     base = config.get("base_model_name_or_path")
@@ -166,45 +145,23 @@ def _choose_architecture(arch: str | None, base_config: dict | None, base_path: 
     return ARCHITECTURES[model_type]
 
 
-def _lora_pairs(tensors: dict[str, torch.Tensor], weights_path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The (A, B) pairs of an adapter by module name (``model.layers.0.self_attn.q_proj``), as float32."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    embeddings: list[str] = []
-    for key, tensor in tensors.items():
-        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        if any(word in name.split(".") for word in EMBEDDING_NAMES):
-            embeddings.append(key)
-            continue
-        if name.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in name:
-            raise ValueError(f"{weights_path}: {key} is a DoRA magnitude; DoRA adapters have no llama.cpp form")
-        for part in ("lora_A", "lora_B"):
-            if name.endswith(f".{part}.weight"):
-                parts.setdefault(name[: -len(f".{part}.weight")], {})[part] = tensor
-                break
-        else:
-            raise ValueError(
-                f"{weights_path}: {key} is not a LoRA tensor (*.lora_A.weight / *.lora_B.weight); a llama.cpp "
-                "adapter holds only LoRA pairs, so retrain without modules_to_save and LoRA biases, or merge the "
-                "adapter into the base model (PEFT's merge_and_unload) and convert the merged model with "
-                "llama.cpp's convert_hf_to_gguf.py"
-            )
+def _refuse_embeddings(modules: Iterable[str], weights_path: Path) -> None:
+    """Refuses LoRA pairs on the token embeddings or the output head, which this exporter does not write."""
+    embeddings = [m for m in modules if any(word in m.split(".") for word in EMBEDDING_NAMES)]
     if embeddings:
         raise ValueError(_embedding_message(weights_path, embeddings))
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, pair in parts.items():
-        missing = {"lora_A", "lora_B"} - set(pair)
-        if missing:
-            raise ValueError(f"{weights_path}: {module} has no {missing.pop()}.weight; the adapter is incomplete")
-        a, b = pair["lora_A"].float(), pair["lora_B"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"{weights_path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; a pair is "
-                "lora_A [r, in] and lora_B [out, r]"
-            )
-        pairs[module] = (a, b)
-    if not pairs:
-        raise ValueError(f"{weights_path} holds no LoRA pairs (no *.lora_A.weight keys)")
-    return pairs
+
+
+def _llama_cpp_alpha(adapter: LoraAdapterFile) -> float:
+    """The one ``adapter.lora.alpha`` that reproduces every pair's PEFT scale: llama.cpp scales by alpha / r, r
+    read from lora_b, so alpha = scale · r (``alpha · sqrt(r)`` for rsLoRA)."""
+    alphas = {scale * adapter.pairs[module][1].shape[-1] for module, scale in adapter.scales.items()}
+    if max(alphas) - min(alphas) > 1e-6 * max(abs(a) for a in alphas):
+        raise ValueError(
+            f"{adapter.directory}: the pairs' scales need alphas {sorted(alphas)}, but a llama.cpp adapter has one "
+            "adapter.lora.alpha (scaled by 1 / r); retrain with one rank, or without use_rslora"
+        )
+    return max(alphas)
 
 
 def _embedding_message(weights_path: Path, keys: list[str]) -> str:
@@ -292,36 +249,23 @@ def lora_to_gguf(adapter_dir: Path, output: Path, arch: str | None = None, outty
         FileNotFoundError: The adapter files are missing.
         ValueError: The adapter cannot be expressed as a llama.cpp adapter, or the architecture is unknown.
     """
-    from safetensors.torch import load_file
-
     adapter_dir, output = Path(adapter_dir), Path(output)
     if outtype.upper() not in OUTTYPES:
         raise ValueError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     qtype = gguf.GGMLQuantizationType[outtype.upper()]
     if output.exists():
         raise FileExistsError(f"--output {output} exists; choose a new file name (an output is never overwritten)")
-    config = _read_adapter_config(adapter_dir)
+    adapter = read_lora_adapter(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"--input {adapter_dir} has no {ADAPTER_WEIGHTS} (only safetensors adapters convert)")
-    base_config, base_path = _base_config(config)
+    _refuse_embeddings(adapter.pairs, weights_path)
+    base_config, base_path = _base_config(adapter.config)
     architecture = _choose_architecture(arch, base_config, base_path)
     base_config = base_config or {}
+    alpha = _llama_cpp_alpha(adapter)
 
-    pairs = _lora_pairs(load_file(weights_path), weights_path)
+    pairs = {module: (a.float(), b.float()) for module, (a, b) in adapter.pairs.items()}
     n_expert = base_config.get("num_local_experts", base_config.get("num_experts"))
     pairs = _stack_experts(pairs, n_expert, weights_path)
-
-    ranks = {b.shape[-1] for _, b in pairs.values()}
-    alpha = float(config["lora_alpha"])
-    if config.get("use_rslora"):
-        # PEFT scales by alpha / sqrt(r), llama.cpp by alpha / r: alpha · sqrt(r) gives the same factor.
-        if len(ranks) != 1:
-            raise ValueError(
-                f"{adapter_dir / ADAPTER_CONFIG}: rsLoRA with ranks {sorted(ranks)}; llama.cpp's one alpha can "
-                "reproduce alpha / sqrt(r) for a single rank only; retrain with one rank or without use_rslora"
-            )
-        alpha *= math.sqrt(ranks.pop())
 
     layer_numbers = [int(m) for name in pairs for m in re.findall(r"\.layers\.(\d+)\.", name)]
     n_blocks = max([base_config.get("num_hidden_layers", 0), *(n + 1 for n in layer_numbers)])

@@ -2,7 +2,7 @@
 
 ``import_qlora_pipe_config`` reads a qlora-pipe-lite training config (``deepspeed train.py --config X.toml``) and
 returns the nested dict of the equivalent ``lit-qlp fit --config`` file; ``KNOWN_KEYS`` and ``DATASET_KEYS`` say
-where each key goes. Only the keys the TOML sets are written (besides ``model.mode``, ``model.dtype``,
+where each key goes. Only the keys the TOML sets are written (besides ``model.method.class_path``, ``model.dtype``,
 ``trainer.accelerator``, ``trainer.devices`` and the strategy's class), so every other option keeps lit-qlp's
 default. Where the two programs' defaults differ:
 
@@ -14,8 +14,15 @@ default. Where the two programs' defaults differ:
 - GPUs: qlora-pipe-lite takes the process count from its launcher; the import sets ``trainer.devices`` to
   ``pipeline_stages`` (one data-parallel replica): raise it to a multiple of ``pipeline_stages`` for more.
 
-``load_in_4bit`` becomes ``mode: qlora`` with ``quant_type: nf4`` and ``double_quant: false``, the format
-qlora-pipe-lite quantises to.
+qlora-pipe-lite's switches make two independent choices in lit-qlp. What trains, ``model.method``:
+``full_fine_tune`` -> ``lit_qlp.methods.FullFineTuning``, ``use_control_adapters`` -> ``ControlAdapters``, neither
+-> ``LoRA``. How the frozen base is held, ``model.base``: ``load_in_4bit`` -> ``lit_qlp.bases.BitsAndBytes4bit``
+with ``quant_type: nf4`` and ``double_quant: false`` (the format qlora-pipe-lite quantises to), so QLoRA is LoRA on
+that base and a Control Adapter on a 4-bit model is ``ControlAdapters`` on it; full fine-tuning refuses it.
+
+The adapter keys become the method's ``init_args`` (``lora_rank`` -> ``rank``, ...), written only for a method that
+takes them: a key the method lacks is an error naming it (where qlora-pipe-lite mostly ignores it), unless its value
+asks for nothing (0, false, an empty list or string), when it is dropped.
 """
 
 from __future__ import annotations
@@ -34,13 +41,6 @@ DEFAULT_BETAS = (0.9, 0.99)
 _PLAIN: dict[str, tuple[str, str]] = {
     "model_dir": ("model", "model_dir"),
     "output_dir": ("trainer", "default_root_dir"),
-    "lora_rank": ("model", "lora_rank"),
-    "lora_dropout": ("model", "lora_dropout"),
-    "target_modules": ("model", "target_modules"),
-    "layers_to_transform": ("model", "layers_to_transform"),
-    "lora_weight_dtype": ("model", "lora_weight_dtype"),
-    "lora_weight_decay": ("model", "lora_weight_decay"),
-    "control_adapter_gamma": ("model", "control_adapter_gamma"),
     "lr": ("model", "lr"),
     "eps": ("model", "eps"),
     "epochs": ("trainer", "max_epochs"),
@@ -73,6 +73,39 @@ _SECTION_PATHS = {
 
 _MODE_KEYS = ("full_fine_tune", "load_in_4bit", "use_control_adapters")
 
+LORA = "lit_qlp.methods.LoRA"
+CONTROL_ADAPTERS = "lit_qlp.methods.ControlAdapters"
+FULL_FINE_TUNING = "lit_qlp.methods.FullFineTuning"
+BITSANDBYTES_4BIT = "lit_qlp.bases.BitsAndBytes4bit"
+
+# What each method is called in error messages, with the switch that selects it.
+_METHOD_NAMES = {
+    LORA: "LoRA",
+    CONTROL_ADAPTERS: "Control Adapters (use_control_adapters = true)",
+    FULL_FINE_TUNING: "full fine-tuning (full_fine_tune = true)",
+}
+
+# Keys that become model.method.init_args: qlora-pipe-lite key -> (init_args name, the methods that take it).
+# The order is the order of the YAML.
+_METHOD_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lora_rank": ("rank", (LORA, CONTROL_ADAPTERS)),
+    "lora_dropout": ("dropout", (LORA, CONTROL_ADAPTERS)),
+    "target_modules": ("target_modules", (LORA, FULL_FINE_TUNING)),
+    "layers_to_transform": ("layers_to_transform", (LORA, CONTROL_ADAPTERS, FULL_FINE_TUNING)),
+    "lora_weight_dtype": ("weight_dtype", (LORA, CONTROL_ADAPTERS)),
+    "lora_weight_decay": ("weight_decay", (LORA, CONTROL_ADAPTERS)),
+    "control_adapter_gamma": ("gamma", (CONTROL_ADAPTERS,)),
+}
+
+# Why a method has no place for a key, where the generic "remove it" needs a reason.
+_NOT_TAKEN_REASONS = {
+    ("target_modules", CONTROL_ADAPTERS): "Control Adapters act on whole decoder layers, which layers_to_transform "
+    "selects",
+    ("lora_weight_decay", FULL_FINE_TUNING): "it decays LoRA/Control Adapter weights, and full fine-tuning trains none",
+    ("control_adapter_gamma", LORA): "it keeps Control Adapters' Q orthonormal",
+    ("control_adapter_gamma", FULL_FINE_TUNING): "it keeps Control Adapters' Q orthonormal",
+}
+
 DATASET_KEYS: dict[str, str] = {
     "dataset_path": "data.datasets[i].dataset_path",
     "max_tokens": "data.datasets[i].max_tokens",
@@ -82,10 +115,14 @@ DATASET_KEYS: dict[str, str] = {
 
 KNOWN_KEYS: dict[str, str] = {
     **{key: f"{_SECTION_PATHS[section]}.{name}" for key, (section, name) in _PLAIN.items()},
+    **{
+        key: f"model.method.init_args.{name} (of {', '.join(c.rsplit('.', 1)[1] for c in methods)})"
+        for key, (name, methods) in _METHOD_OPTIONS.items()
+    },
     "pipeline_stages": "trainer.strategy.init_args.pipeline_stages and trainer.devices",
-    "full_fine_tune": "model.mode: full",
-    "load_in_4bit": "model.mode: qlora (quant_type nf4, double_quant false)",
-    "use_control_adapters": "model.mode: control",
+    "full_fine_tune": f"model.method.class_path: {FULL_FINE_TUNING}",
+    "load_in_4bit": f"model.base.class_path: {BITSANDBYTES_4BIT} (quant_type nf4, double_quant false)",
+    "use_control_adapters": f"model.method.class_path: {CONTROL_ADAPTERS}",
     "beta1": f"model.betas[0] (model.betas[1] defaults to {DEFAULT_BETAS[1]})",
     "beta2": f"model.betas[1] (model.betas[0] defaults to {DEFAULT_BETAS[0]})",
     "datasets": "data.datasets ([[datasets]] tables with " + ", ".join(DATASET_KEYS) + ")",
@@ -110,9 +147,11 @@ _LAYER_ITEM = re.compile(r"(\d+)(?::(\d+))?")
 def import_qlora_pipe_config(toml_text_or_path: str | Path) -> dict[str, Any]:
     """Converts a qlora-pipe-lite TOML training config into a lit-qlp config.
 
-    ``full_fine_tune``, ``load_in_4bit`` and ``use_control_adapters`` select ``model.mode`` ("full", "qlora",
-    "control"; none of them: "lora"); the other keys map one to one (see ``KNOWN_KEYS`` and ``DATASET_KEYS``)
-    and keep their TOML types, except an integer ``layers_to_transform``, which becomes the string lit-qlp reads.
+    ``full_fine_tune`` and ``use_control_adapters`` select ``model.method`` (``FullFineTuning``,
+    ``ControlAdapters``; neither: ``LoRA``), ``load_in_4bit`` selects ``model.base`` (``BitsAndBytes4bit``); the
+    adapter keys become the method's ``init_args`` and the other keys map one to one (see ``KNOWN_KEYS`` and
+    ``DATASET_KEYS``). Values keep their TOML types, except an integer ``layers_to_transform``, which becomes the
+    string lit-qlp reads.
 
     Args:
         toml_text_or_path: A path (``Path``, or a string naming an existing file or containing no ``=``) of a
@@ -125,24 +164,29 @@ def import_qlora_pipe_config(toml_text_or_path: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: for a path that names no file.
         ValueError: for invalid TOML; for unknown keys (one error listing all of them and the supported keys);
-            for contradictory mode keys (e.g. ``full_fine_tune`` with ``load_in_4bit``); for a missing
-            ``model_dir`` or ``[[datasets]]``; and for values lit-qlp cannot take (each error names the key and
-            value and says what to change).
+            for contradictory switches (``full_fine_tune`` with ``load_in_4bit`` or ``use_control_adapters``);
+            for an adapter key the chosen method does not take (e.g. ``control_adapter_gamma`` without
+            ``use_control_adapters``); for a missing ``model_dir`` or ``[[datasets]]``; and for values lit-qlp
+            cannot take (each error names the key and value and says what to change).
     """
     config, source = _load(toml_text_or_path)
     _check_unknown_keys(config, source)
     for key in _MODE_KEYS + ("drop_tails", "mix_datasets", "use_column_major_topology"):
         if key in config and not isinstance(config[key], bool):
             raise ValueError(f"{source}: {key}={config[key]!r} must be true or false")
-    mode = _mode(config, source)
+    method_class = _method(config, source)
     if "model_dir" not in config:
         raise ValueError(f"{source}: model_dir is missing; set it to the Hugging Face model directory to train")
 
     trainer: dict[str, Any] = {"accelerator": "gpu", "devices": config.get("pipeline_stages", 1)}
     strategy: dict[str, Any] = {}
-    model: dict[str, Any] = {"model_dir": config["model_dir"], "mode": mode, "dtype": "bfloat16"}
-    if mode == "qlora":
-        model.update(quant_type="nf4", double_quant=False)
+    model: dict[str, Any] = {"model_dir": config["model_dir"], "dtype": "bfloat16"}
+    model["method"] = _method_config(method_class, config, source)
+    if config.get("load_in_4bit", False):
+        model["base"] = {
+            "class_path": BITSANDBYTES_4BIT,
+            "init_args": {"quant_type": "nf4", "double_quant": False},
+        }
     data: dict[str, Any] = {"datasets": _datasets(config, source)}
     checkpoint: dict[str, Any] = {}
     sections = {"trainer": trainer, "strategy": strategy, "model": model, "data": data, "checkpoint": checkpoint}
@@ -151,21 +195,10 @@ def import_qlora_pipe_config(toml_text_or_path: str | Path) -> dict[str, Any]:
     if "beta1" in config or "beta2" in config:
         betas = [config.get("beta1", DEFAULT_BETAS[0]), config.get("beta2", DEFAULT_BETAS[1])]
     for key, (section, name) in _PLAIN.items():
-        if key not in config:
-            continue
-        value = config[key]
-        if key == "target_modules":
-            value = _target_modules(value, mode, source)
-        elif key == "layers_to_transform":
-            value = _layers_to_transform(value, source)
-        elif key == "lora_weight_decay" and mode == "full" and value:
-            raise ValueError(
-                f"{source}: lora_weight_decay={value!r} decays LoRA/Control Adapter weights, and full_fine_tune=true "
-                "trains none (lit-qlp refuses the combination); remove lora_weight_decay or set it to 0"
-            )
-        sections[section][name] = value
-        if key == "lr" and betas is not None:
-            model["betas"] = betas  # next to lr, as in configs/*.yaml
+        if key in config:
+            sections[section][name] = config[key]
+            if key == "lr" and betas is not None:
+                model["betas"] = betas  # next to lr, as in configs/*.yaml
     if betas is not None:
         model["betas"] = betas
 
@@ -233,8 +266,8 @@ def _check_unknown_keys(config: dict[str, Any], source: str) -> None:
     )
 
 
-def _mode(config: dict[str, Any], source: str) -> str:
-    """``model.mode`` from qlora-pipe-lite's three switches; contradictory combinations raise ValueError."""
+def _method(config: dict[str, Any], source: str) -> str:
+    """``model.method.class_path`` from qlora-pipe-lite's switches; contradictory combinations raise ValueError."""
     full = config.get("full_fine_tune", False)
     four_bit = config.get("load_in_4bit", False)
     control = config.get("use_control_adapters", False)
@@ -249,13 +282,32 @@ def _mode(config: dict[str, Any], source: str) -> str:
             f"{source}: full_fine_tune=true and use_control_adapters=true contradict each other; remove "
             "use_control_adapters for full fine-tuning or full_fine_tune for Control Adapters"
         )
-    if control and four_bit:
-        raise ValueError(
-            f"{source}: use_control_adapters=true and load_in_4bit=true: lit-qlp trains Control Adapters on an "
-            "unquantised (bfloat16) base only; remove load_in_4bit (the base then needs about 4x the memory) or "
-            "use_control_adapters (QLoRA instead)"
-        )
-    return "full" if full else "qlora" if four_bit else "control" if control else "lora"
+    return FULL_FINE_TUNING if full else CONTROL_ADAPTERS if control else LORA
+
+
+def _method_config(method_class: str, config: dict[str, Any], source: str) -> dict[str, Any]:
+    """``model.method``: its class and, when the TOML sets any of them, the ``init_args`` it takes."""
+    init_args: dict[str, Any] = {}
+    for key, (name, methods) in _METHOD_OPTIONS.items():
+        if key not in config:
+            continue
+        value = config[key]
+        if method_class not in methods:
+            if value in (0, False, [], ""):  # asks for nothing: qlora-pipe-lite ignores it too
+                continue
+            reason = _NOT_TAKEN_REASONS.get((key, method_class))
+            takers = " and ".join(_METHOD_NAMES[m] for m in methods)
+            raise ValueError(
+                f"{source}: {key}={value!r} sets model.method.init_args.{name} of {takers}, but this config trains "
+                f"{_METHOD_NAMES[method_class]}, which has no {name}" + (f" ({reason})" if reason else "") + "; "
+                f"remove {key}"
+            )
+        if key == "target_modules":
+            value = _target_modules(value, source)
+        elif key == "layers_to_transform":
+            value = _layers_to_transform(value, source)
+        init_args[name] = value
+    return {"class_path": method_class, "init_args": init_args} if init_args else {"class_path": method_class}
 
 
 def _datasets(config: dict[str, Any], source: str) -> list[dict[str, Any]]:
@@ -276,13 +328,8 @@ def _datasets(config: dict[str, Any], source: str) -> list[dict[str, Any]]:
     return result
 
 
-def _target_modules(value: Any, mode: str, source: str) -> str | list[str]:
+def _target_modules(value: Any, source: str) -> str | list[str]:
     """``target_modules`` as lit-qlp reads it: "all-linear" or a list of module names."""
-    if mode == "control" and value:
-        raise ValueError(
-            f"{source}: target_modules={value!r} with use_control_adapters=true: Control Adapters act on whole "
-            "decoder layers; remove target_modules (layers_to_transform selects the layers)"
-        )
     if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
         return value
     raise ValueError(

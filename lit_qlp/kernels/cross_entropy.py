@@ -14,9 +14,9 @@ class TokenWeightedLoss:
 
     The last pipeline layer (``OutputPipe``) binds itself as ``head`` when it is built; the loss then computes the
     LM head projection and the cross-entropy together, chunk by chunk (``fused_head_loss``), so the
-    [tokens, vocab] logits are never held. The strategy sets ``normalizer`` before each batch to (label tokens of
-    the whole step across all data-parallel replicas) / (micro-batches × replicas), so that DeepSpeed's mean over
-    micro-batches and replicas is exactly ``sum of token losses / number of label tokens``.
+    [tokens, vocab] logits are never held. Its one writer, the strategy, calls ``normalize_by`` before each batch
+    with (label tokens of the whole step across all data-parallel replicas) / (micro-batches × replicas), so that
+    DeepSpeed's mean over micro-batches and replicas is exactly ``sum of token losses / number of label tokens``.
 
     Args:
         implementation: "auto" (Triton on CUDA when installed, torch otherwise), "triton" or "torch".
@@ -24,11 +24,22 @@ class TokenWeightedLoss:
     """
 
     def __init__(self, implementation: str = "auto", chunk_size: int = 1024) -> None:
-        self.normalizer = 1.0
+        self._normalizer = 1.0
         self.implementation = implementation
         self.chunk_size = chunk_size
         self.head = None
         self.tied_weight: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def normalizer(self) -> float:
+        """What each micro-batch's summed token loss is divided by (1 until ``normalize_by`` sets it)."""
+        return self._normalizer
+
+    def normalize_by(self, normalizer: float) -> None:
+        """Sets the divisor of the next batch's micro-batch losses (``strategies.engine.token_normalizer``)."""
+        if not normalizer > 0:
+            raise ValueError(f"the loss normaliser must be positive, got {normalizer}")
+        self._normalizer = float(normalizer)
 
     def bind(self, head) -> None:
         """Called by the last pipeline layer: ``head.lm_head.weight``, ``logit_scale`` and ``softcap`` are used."""
@@ -60,4 +71,4 @@ class TokenWeightedLoss:
             chunk_size=self.chunk_size,
             implementation=self.implementation,
         )
-        return loss_sum / self.normalizer
+        return loss_sum / self._normalizer

@@ -18,6 +18,8 @@ import bitsandbytes.functional as bnbf
 import torch
 import torch.nn.functional as F
 
+from lit_qlp.compat.bitsandbytes import quant_state_parts
+
 
 def dequantize_4bit_torch(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
     """The weight ``packed`` holds, in ``state.dtype``, computed with torch ops (bit-identical to bitsandbytes).
@@ -26,17 +28,18 @@ def dequantize_4bit_torch(packed: torch.Tensor, state: bnbf.QuantState) -> torch
     ``code[q_i] · absmax[i // blocksize]``. With double quantisation the block scales are themselves 8-bit:
     ``absmax[j] = code2[a_j] · absmax2[j // blocksize2] + offset``.
     """
-    numel = state.shape.numel()
+    parts = quant_state_parts(state)
+    numel = parts.shape.numel()
     codes = packed.reshape(-1, 1)
     codes = torch.cat((codes >> 4, codes & 15), dim=1).reshape(-1)[:numel]
-    absmax = state.absmax
-    if state.nested:
-        inner = state.state2
-        block = torch.arange(absmax.numel(), device=absmax.device) // inner.blocksize
-        absmax = inner.code[absmax.int()] * inner.absmax[block] + state.offset
-    block = torch.arange(numel, device=packed.device) // state.blocksize
-    values = state.code[codes.int()] * absmax.float()[block]
-    return values.to(state.dtype).reshape(state.shape)
+    absmax = parts.absmax
+    if parts.nested is not None:
+        scales = parts.nested
+        block = torch.arange(absmax.numel(), device=absmax.device) // scales.blocksize
+        absmax = scales.code[absmax.int()] * scales.absmax[block] + scales.offset
+    block = torch.arange(numel, device=packed.device) // parts.blocksize
+    values = parts.code[codes.int()] * absmax.float()[block]
+    return values.to(parts.dtype).reshape(parts.shape)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:

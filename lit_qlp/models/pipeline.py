@@ -9,19 +9,28 @@ from the checkpoint as it is built, so a process holds nothing but its own stage
 
 from __future__ import annotations
 
-import functools
-import inspect
+import copy
 import weakref
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from lit_qlp.models.checkpoint import CheckpointReader
-from lit_qlp.models.quantize import Quantization, quantize_linears
+from lit_qlp.compat.torch import version_counter
+from lit_qlp.compat.transformers import (
+    causal_lm_class,
+    init_weights,
+    mask_cache_keyword,
+    set_attn_implementation,
+    supports_sdpa,
+)
+from lit_qlp.formats.hf import CheckpointReader
+
+if TYPE_CHECKING:
+    from lit_qlp.bases import BaseFormat
 
 
 class StageTensors(NamedTuple):
@@ -85,9 +94,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 class ModelSource:
-    """A Hugging Face model directory from which pipeline layers materialise themselves.
+    """A Hugging Face model directory from which pipeline layers materialise themselves; read-only once built.
 
-    Holds the config, a meta-device skeleton of the whole model (no memory) and the checkpoint reader.
+    Holds the config, a meta-device skeleton of the whole model (no memory) and the checkpoint reader. Where the
+    layers go, how their frozen weights are stored and which parameters train belong to the stage that builds them
+    (``StageBuilder``), not to the source.
 
     Args:
         model_dir: Hugging Face model directory (config.json + safetensors).
@@ -95,11 +106,7 @@ class ModelSource:
         attn_implementation: "sdpa" (default) or "eager"; architectures without SDPA support (Gemma 2, whose
             attention softcapping SDPA cannot do) use "eager". Set explicitly because a bare config falls back
             to eager, which with no mask applies no causal mask.
-        device: Where the layers are materialised.
         trust_remote_code: Passed to ``AutoConfig``.
-        quantization: Store the decoder layers' linear weights in 4-bit (QLoRA), quantised as each layer loads.
-        trainable: ``trainable(hf_parameter_name)`` says which loaded parameters train (full fine-tuning); all
-            are frozen when None.
         random_weights: Fill the weights with random values (normal, std 0.02; norm weights 1, biases 0) on their
             device instead of reading them: ``model_dir`` then needs only ``config.json``. For measuring the speed
             and memory of a shape whose checkpoint is not at hand (or would not fit the disk).
@@ -110,25 +117,18 @@ class ModelSource:
         model_dir: Path,
         dtype: str = "bfloat16",
         attn_implementation: str = "sdpa",
-        device: torch.device | str = "cpu",
         trust_remote_code: bool = False,
-        quantization: Quantization | None = None,
-        trainable: Callable[[str], bool] | None = None,
         random_weights: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
         self.dtype = _dtype(dtype)
-        self.device = torch.device(device)
-        self.quantization = quantization
-        self.trainable = trainable
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
         self.quirks = ModelQuirks.from_config(self.config)
-        model_class = AutoModelForCausalLM._model_mapping[type(self.config)]
-        if attn_implementation == "sdpa" and not getattr(model_class, "_supports_sdpa", False):
+        if attn_implementation == "sdpa" and not supports_sdpa(causal_lm_class(self.config)):
             attn_implementation = "eager"
-        self.config._attn_implementation = attn_implementation
+        set_attn_implementation(self.config, attn_implementation)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         self.reader = None
@@ -144,30 +144,31 @@ class ModelSource:
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for p in self.submodule(name).parameters())
 
-    def materialize(self, name: str, device: torch.device | str | None = None) -> nn.Module:
-        """Detaches submodule ``name`` from the skeleton and fills it with the checkpoint's tensors.
+    def materialize(self, name: str, device: torch.device | str, trainable: frozenset[str] = frozenset()) -> nn.Module:
+        """A copy of submodule ``name`` of the skeleton on ``device``, filled with the checkpoint's tensors; the
+        skeleton itself stays on the meta device, unchanged (what adapters later do to the copy never shows in it).
 
         Non-persistent buffers (Gemma's embedding scale, for example) are not in the checkpoint; the model's own
-        ``_init_weights`` recomputes them. Parameters are frozen unless ``trainable`` selects them.
+        ``_init_weights`` recomputes them.
 
         Args:
             name: The submodule's name in the HF model (``model.layers.3``).
-            device: Where to put it; ``self.device`` by default.
+            device: Where to put it; on "meta" only the shapes (for tools that load trained tensors afterwards).
+            trainable: HF names of the parameters that train; every other parameter is frozen.
         """
-        module = self.submodule(name)
-        device = torch.device(self.device if device is None else device)
+        module = copy.deepcopy(self.submodule(name))  # meta tensors: copying costs no memory
+        device = torch.device(device)
         module.to_empty(device=device)
-        if device.type != "meta":  # on meta: shapes only, for tools that load trained tensors afterwards
+        if device.type != "meta":
             self._load(name, module)
         for param_name, param in module.named_parameters():
-            param.requires_grad_(self.trainable is not None and self.trainable(f"{name}.{param_name}"))
+            param.requires_grad_(f"{name}.{param_name}" in trainable)
         return module
 
     def _load(self, name: str, module: nn.Module) -> None:
         for sub in module.modules():
             if any(b not in sub.state_dict() for b, _ in sub.named_buffers(recurse=False)):
-                with torch.no_grad():
-                    self.skeleton._init_weights(sub)
+                init_weights(self.skeleton, sub)
         with torch.no_grad():
             for param_name, tensor in module.state_dict(keep_vars=True).items():
                 if self.reader is None:
@@ -181,16 +182,9 @@ class ModelSource:
                     )
                 tensor.copy_(source)
 
-    def rotary_embedding(self) -> nn.Module:
-        """A fresh rotary-embedding module (its inverse frequencies are computed, not loaded)."""
-        return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
-
-
-@functools.cache
-def _cache_keyword(mask_function: Callable) -> str:
-    """The name of the KV-cache argument of transformers' mask functions ("cache" since 5.24, before it
-    "past_key_values", which 5.24 still takes with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(mask_function).parameters else "past_key_values"
+    def rotary_embedding(self, device: torch.device | str) -> nn.Module:
+        """A fresh rotary-embedding module on ``device`` (its inverse frequencies are computed, not loaded)."""
+        return type(self.skeleton.model.rotary_emb)(config=self.config).to(device)
 
 
 def _fill_random(name: str, tensor: torch.Tensor) -> None:
@@ -208,6 +202,76 @@ LayerAdapter = Callable[[nn.Module, int, str], nn.Module]
 (the same module changed in place, or a wrapper around it)."""
 
 
+@runtime_checkable
+class TakesControlClasses(Protocol):
+    """A decoder layer (or wrapper) that is called with ``control_classes=`` ([batch, seq] in {-1, 0, 1}) besides the
+    HF layer's own arguments; it declares so with ``takes_control_classes = True``."""
+
+    takes_control_classes: Literal[True]
+
+
+class PositionCache:
+    """Values computed from a micro-batch's ``position_ids`` (attention mask, rotary cos/sin), computed once and
+    shared by every decoder layer of the stage that receives the same tensor.
+
+    The decoder layers of a stage pass one ``position_ids`` tensor along, so the first layer computes and the rest
+    (and their recomputation in the backward pass) reuse. This matters beyond the saved work: transformers' mask
+    functions look for packed sequences with a data-dependent branch, a device-to-host synchronisation, which per
+    layer kept the CPU from running ahead of the GPU (64 synchronisations per micro-batch of an 8B model).
+
+    Entries are held per live tensor: a tensor that is freed, or changed in place, is never matched again. The
+    values of freed tensors are dropped at the next new tensor, so at most one micro-batch's stay after a step.
+    One cache belongs to one stage (its ``StageBuilder``).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, dict[Hashable, object]]] = {}
+
+    def get(self, position_ids: torch.Tensor, key: Hashable, compute: Callable[[], object]) -> object:
+        """``compute()`` the first time ``key`` is asked of this ``position_ids`` tensor, the same object after."""
+        entry = self._entries.get(id(position_ids))
+        if entry is None or entry[0]() is not position_ids or entry[1] != version_counter(position_ids):
+            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+            entry = (weakref.ref(position_ids), version_counter(position_ids), {})
+            self._entries[id(position_ids)] = entry
+        values = entry[2]
+        if key not in values:
+            values[key] = compute()
+        return values[key]
+
+
+@dataclass(frozen=True)
+class StageBuilder:
+    """What the layers of one pipeline stage are built from: the model, the stage's device, how the frozen weights
+    of the decoder layers are stored, which parameters train, and the stage's own ``PositionCache``.
+
+    Attributes:
+        source: The model directory.
+        device: Where the stage's layers are materialised ("meta": shapes only).
+        base: How the decoder layers' frozen weights are held (``lit_qlp.bases``); None keeps them in the source's
+            dtype.
+        trainable: HF names of the parameters that train (full fine-tuning); empty freezes every weight.
+        positions: The mask / rotary cache shared by this stage's decoder layers.
+    """
+
+    source: ModelSource
+    device: torch.device
+    base: BaseFormat | None = None
+    trainable: frozenset[str] = frozenset()
+    positions: PositionCache = field(default_factory=PositionCache, compare=False, repr=False)
+
+    def module(self, name: str, device: torch.device | str | None = None) -> nn.Module:
+        """Submodule ``name`` materialised on ``device`` (the stage's by default), trainable where selected."""
+        return self.source.materialize(name, self.device if device is None else device, self.trainable)
+
+    def decoder_layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` with its frozen weights in the base format."""
+        layer = self.module(f"model.layers.{index}")
+        if self.base is not None:
+            self.base.convert(layer, self.source.dtype)
+        return layer
+
+
 class EmbeddingPipe(nn.Module):
     """Pipeline layer 0: token ids to hidden states (including any embedding scale of the architecture).
 
@@ -216,7 +280,7 @@ class EmbeddingPipe(nn.Module):
     gives the loss its weight (``loss.tie``).
 
     Args:
-        source: The model directory.
+        builder: The stage's builder.
         loss: The pipeline's loss, to tie the head weight to this embedding matrix; or None.
         on_cpu: Keep the (frozen) embedding matrix in CPU memory, outside the module's parameters so that the
             engine does not move it; the looked-up rows are copied to the device.
@@ -224,13 +288,14 @@ class EmbeddingPipe(nn.Module):
 
     hf_prefix = "model.embed_tokens"
 
-    def __init__(self, source: ModelSource, loss=None, on_cpu: bool = False) -> None:
+    def __init__(self, builder: StageBuilder, loss=None, on_cpu: bool = False) -> None:
         super().__init__()
-        self.device = source.device
-        embed_tokens = source.materialize(self.hf_prefix, device="cpu" if on_cpu else None)
+        self.device = builder.device
+        self.on_cpu = on_cpu
+        embed_tokens = builder.module(self.hf_prefix, device="cpu" if on_cpu else None)
         if on_cpu:
             if any(p.requires_grad for p in embed_tokens.parameters()):
-                raise ValueError("model.embeddings_on_cpu needs frozen embeddings (mode lora or qlora)")
+                raise ValueError("model.embeddings_on_cpu needs frozen embeddings (an adapter method)")
             self._cpu_embedding = (embed_tokens,)  # a tuple hides it from nn.Module's registry and .to()
         else:
             self.embed_tokens = embed_tokens
@@ -239,7 +304,7 @@ class EmbeddingPipe(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         input_ids, position_ids, control_classes = inputs
-        if hasattr(self, "_cpu_embedding"):
+        if self.on_cpu:
             hidden_states = self._cpu_embedding[0](input_ids.cpu()).to(self.device, non_blocking=True)
         else:
             hidden_states = self.embed_tokens(input_ids)
@@ -255,44 +320,12 @@ def tied_head(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> torch.Te
     return hidden_states
 
 
-class PositionCache:
-    """Values computed from a micro-batch's ``position_ids`` (attention mask, rotary cos/sin), computed once and
-    shared by every decoder layer of the stage that receives the same tensor.
-
-    The decoder layers of a stage pass one ``position_ids`` tensor along, so the first layer computes and the rest
-    (and their recomputation in the backward pass) reuse. This matters beyond the saved work: transformers' mask
-    functions look for packed sequences with a data-dependent branch, a device-to-host synchronisation, which per
-    layer kept the CPU from running ahead of the GPU (64 synchronisations per micro-batch of an 8B model).
-
-    Entries are held per live tensor: a tensor that is freed, or changed in place, is never matched again. The
-    values of freed tensors are dropped at the next new tensor, so at most one micro-batch's stay after a step.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, int, dict[Hashable, object]]] = {}
-
-    def get(self, position_ids: torch.Tensor, key: Hashable, compute: Callable[[], object]) -> object:
-        """``compute()`` the first time ``key`` is asked of this ``position_ids`` tensor, the same object after."""
-        entry = self._entries.get(id(position_ids))
-        if entry is None or entry[0]() is not position_ids or entry[1] != position_ids._version:
-            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
-            entry = (weakref.ref(position_ids), position_ids._version, {})
-            self._entries[id(position_ids)] = entry
-        values = entry[2]
-        if key not in values:
-            values[key] = compute()
-        return values[key]
-
-
-POSITION_CACHE = PositionCache()
-
-
 class DecoderLayerPipe(nn.Module):
     """One HF decoder layer, with the rotary embedding and attention mask computed from ``position_ids``: by the
-    stage's first layer, then taken from ``POSITION_CACHE`` by the others and by the recomputation.
+    stage's first layer, then taken from the stage's ``PositionCache`` by the others and by the recomputation.
 
     Args:
-        source: The model directory.
+        builder: The stage's builder.
         index: Index of the decoder layer.
         adapter: Adds adapters (LoRA, ...) to the layer, or None.
         compile: Run the rotary embedding and the HF layer with its adapters through ``torch.compile``:
@@ -303,19 +336,19 @@ class DecoderLayerPipe(nn.Module):
     """
 
     def __init__(
-        self, source: ModelSource, index: int, adapter: LayerAdapter | None = None, compile: bool = False
+        self, builder: StageBuilder, index: int, adapter: LayerAdapter | None = None, compile: bool = False
     ) -> None:
         super().__init__()
         self.index = index
         self.hf_prefix = f"model.layers.{index}"
-        self.config = source.config
-        self.attention_type = source.quirks.layer_types[index]
-        self.layer = source.materialize(self.hf_prefix)
-        if source.quantization is not None:
-            quantize_linears(self.layer, source.quantization)
-        self.rotary_emb = source.rotary_embedding()
+        self.config = builder.source.config
+        self.attention_type = builder.source.quirks.layer_types[index]
+        self.positions = builder.positions
+        self.layer = builder.decoder_layer(index)
+        self.rotary_emb = builder.source.rotary_embedding(builder.device)
         if adapter is not None:
             self.layer = adapter(self.layer, index, self.hf_prefix)
+        self.passes_control_classes = isinstance(self.layer, TakesControlClasses)
         if compile:
             self.layer.compile()
             self.rotary_emb.compile()
@@ -324,21 +357,21 @@ class DecoderLayerPipe(nn.Module):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         make = create_sliding_window_causal_mask if self.attention_type == "sliding_attention" else create_causal_mask
-        no_cache = {_cache_keyword(make): None}
+        no_cache = {mask_cache_keyword(make): None}
         return make(
             config=self.config, inputs_embeds=hidden_states, attention_mask=None, position_ids=position_ids, **no_cache
         )
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = StageTensors(*inputs)
-        extra = {"control_classes": x.control_classes} if getattr(self.layer, "accepts_control_classes", False) else {}
+        extra = {"control_classes": x.control_classes} if self.passes_control_classes else {}
         hidden, positions = x.hidden_states, x.position_ids
         # The stage's layers share one mask (per attention type) and one rotary embedding per micro-batch.
         like = (hidden.dtype, hidden.device, hidden.shape[0])
-        mask = POSITION_CACHE.get(
+        mask = self.positions.get(
             positions, ("mask", self.attention_type, *like), lambda: self.attention_mask(hidden, positions)
         )
-        rotary = POSITION_CACHE.get(positions, ("rotary", *like), lambda: self.rotary_emb(hidden, positions))
+        rotary = self.positions.get(positions, ("rotary", *like), lambda: self.rotary_emb(hidden, positions))
         hidden_states = self.layer(
             hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **extra
         )
@@ -357,7 +390,7 @@ class OutputPipe(nn.Module):
     the cross-entropy, so the logits are never materialised. ``logits`` gives them explicitly.
 
     Args:
-        source: The model directory.
+        builder: The stage's builder.
         loss: The pipeline's loss, bound to this head; or None.
         tied: The head is the (trainable) embedding matrix, held by a tied ``EmbeddingPipe`` after this layer;
             this layer then holds only the norm.
@@ -365,14 +398,14 @@ class OutputPipe(nn.Module):
 
     hf_prefix = "lm_head"
 
-    def __init__(self, source: ModelSource, loss=None, tied: bool = False) -> None:
+    def __init__(self, builder: StageBuilder, loss=None, tied: bool = False) -> None:
         super().__init__()
-        self.norm = source.materialize("model.norm")
+        self.norm = builder.module("model.norm")
         if not tied:
-            self.lm_head = source.materialize("lm_head")
+            self.lm_head = builder.module("lm_head")
         self.loss = loss
-        self.logit_scale = source.quirks.logit_scale
-        self.softcap = source.quirks.final_logit_softcapping
+        self.logit_scale = builder.source.quirks.logit_scale
+        self.softcap = builder.source.quirks.final_logit_softcapping
         if loss is not None:
             loss.bind(self)
 
@@ -408,27 +441,16 @@ def hf_names(state_dict: dict[str, torch.Tensor], prefixes: dict[str, str]) -> d
     return out
 
 
-def stage_weights(source: ModelSource) -> list[float]:
-    """Parameter counts of ``[embedding, decoder layers..., norm + head]`` counted on the meta skeleton."""
-    n = source.quirks.num_layers
-    head = source.num_parameters("model.norm") + source.num_parameters("lm_head")
-    return (
-        [float(source.num_parameters("model.embed_tokens"))]
-        + [float(source.num_parameters(f"model.layers.{i}")) for i in range(n)]
-        + [float(head)]
-    )
-
-
 __all__ = [
     "DecoderLayerPipe",
     "EmbeddingPipe",
     "ModelQuirks",
     "ModelSource",
     "OutputPipe",
-    "POSITION_CACHE",
     "PositionCache",
+    "StageBuilder",
     "StageTensors",
+    "TakesControlClasses",
     "hf_names",
-    "stage_weights",
     "tied_head",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lit_qlp.compat.bitsandbytes import disable_avx512bf16_repack
+
 
 @dataclass(frozen=True)
 class Quantization:
@@ -31,8 +33,8 @@ def import_bitsandbytes():
         import bitsandbytes
     except ImportError as error:
         raise RuntimeError(
-            f"model.mode=qlora needs bitsandbytes, which failed to import ({error}); "
-            "install it with `pip install bitsandbytes` or use model.mode=lora"
+            f"model.base BitsAndBytes4bit needs bitsandbytes, which failed to import ({error}); "
+            "install it with `pip install bitsandbytes` or remove model.base (an unquantised base)"
         ) from error
     return bitsandbytes
 
@@ -51,9 +53,9 @@ def check_bitsandbytes(device: torch.device) -> None:
         bnb.matmul_4bit(x, packed.t(), quant_state=state)
     except Exception as error:
         raise RuntimeError(
-            f"model.mode=qlora: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run 4-bit matmuls on "
+            f"model.base BitsAndBytes4bit: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run 4-bit matmuls on "
             f"{device} ({type(error).__name__}: {error}); install a bitsandbytes build with binaries for this "
-            f"device (CUDA {torch.version.cuda}) or use model.mode=lora"
+            f"device (CUDA {torch.version.cuda}) or remove model.base (an unquantised base)"
         ) from error
 
 
@@ -101,7 +103,7 @@ def quantize_linears(module: nn.Module, quantization: Quantization) -> list[str]
         if device.type == "cpu":
             # On CPUs with AVX512-BF16, an eval-mode no-grad forward repacks the weight in place, after which
             # input gradients silently become None: keep the portable layout.
-            layer.support_avx512bf16_for_cpu = False
+            disable_avx512bf16_repack(layer)
         setattr(parent, child, layer)
         replaced.append(name)
     return replaced

@@ -1,13 +1,16 @@
-"""Reading one pipeline stage's tensors from a Hugging Face safetensors checkpoint.
+"""The Hugging Face model-directory format: safetensors weights (one file, or shards and their index), the config
+and the tokenizer files.
 
-Each process opens only the shards that hold its own stage's tensors (found through
-``model.safetensors.index.json``), so no process ever holds the whole model.
+Reading is by tensor (``CheckpointReader``): each pipeline process opens only the shards that hold its own stage's
+tensors (found through ``model.safetensors.index.json``), so no process ever holds the whole model. Writing is by
+shard (``plan_shards``, ``shard_file_name``, ``save_shard``, ``write_index``), so a writer holds one shard at a time.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +73,26 @@ def copy_tokenizer_files(model_dir: Path, directory: Path) -> None:
             shutil.copy2(Path(model_dir) / name, Path(directory) / name)
 
 
+def read_weight_map(model_dir: Path) -> dict[str, str]:
+    """Which safetensors file of a Hugging Face model directory holds each tensor, in the index's order.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` holds neither ``model.safetensors.index.json`` nor ``model.safetensors``.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / INDEX_FILE).is_file():
+        return json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
+    if (model_dir / SINGLE_FILE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(model_dir / SINGLE_FILE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
+    raise FileNotFoundError(
+        f"{model_dir} holds neither {INDEX_FILE} nor {SINGLE_FILE}; it must be a Hugging Face model directory saved "
+        "in safetensors format"
+    )
+
+
 class CheckpointReader:
     """Reads named tensors from the safetensors files of one Hugging Face model directory.
 
@@ -83,20 +106,7 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self.legacy_experts = LEGACY_EXPERTS.get(model_type)
         self.tie_word_embeddings = tie_word_embeddings
-        index = self.model_dir / INDEX_FILE
-        single = self.model_dir / SINGLE_FILE
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
-        else:
-            raise FileNotFoundError(
-                f"{self.model_dir} holds neither {INDEX_FILE} nor {SINGLE_FILE}; model_dir must be a Hugging Face "
-                "model directory saved in safetensors format"
-            )
+        self.weight_map = read_weight_map(self.model_dir)
         self._handles: dict[str, object] = {}
 
     def _raw(self, key: str) -> torch.Tensor:
@@ -150,3 +160,53 @@ class CheckpointReader:
         if name.endswith("gate_up_proj"):
             return torch.stack([torch.cat(tensors[i : i + 2], dim=0) for i in range(0, len(tensors), 2)])
         return torch.stack(tensors)
+
+
+def plan_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Groups tensor names, in order, into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = []
+    size = 0
+    for name, tensor in tensors.items():
+        if not shards or (size + tensor.nbytes > max_bytes and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += tensor.nbytes
+    return shards
+
+
+def shard_file_name(index: int, total: int) -> str:
+    """The name of shard ``index`` (1-based) of ``total``: ``model-00002-of-00003.safetensors``, or
+    ``model.safetensors`` when there is one."""
+    return SINGLE_FILE if total == 1 else f"model-{index:05d}-of-{total:05d}.safetensors"
+
+
+def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes one safetensors file of CPU copies of ``tensors``; ``metadata`` defaults to ``{"format": "pt"}``."""
+    from safetensors.torch import save_file
+
+    cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    save_file(cpu, path, metadata=metadata or {"format": "pt"})
+
+
+def write_index(directory: Path, weight_map: Mapping[str, str], total_size: int) -> None:
+    """Writes ``model.safetensors.index.json``: which shard holds each tensor, and the bytes of all tensors."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(directory) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+__all__ = [
+    "EXPORTED_FILES",
+    "INDEX_FILE",
+    "LEGACY_EXPERTS",
+    "SINGLE_FILE",
+    "TOKENIZER_FILES",
+    "CheckpointReader",
+    "LegacyExperts",
+    "copy_tokenizer_files",
+    "plan_shards",
+    "read_weight_map",
+    "save_shard",
+    "shard_file_name",
+    "write_index",
+]

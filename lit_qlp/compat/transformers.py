@@ -1,0 +1,107 @@
+"""What lit_qlp relies on of transformers beyond its public API: the causal-LM class of a config, its SDPA support,
+the attention implementation of a config, a model's weight initialisation of one submodule, and the KV-cache keyword
+of the mask functions.
+
+transformers is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+# The KV-cache argument of transformers' mask functions: "cache" since 5.24, "past_key_values" before.
+MASK_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def _outdated(name: str, use: str) -> RuntimeError:
+    """The error for a transformers version that lacks ``name``, which lit_qlp uses for ``use``."""
+    import transformers
+
+    return RuntimeError(
+        f"transformers {getattr(transformers, '__version__', '?')} has no {name} (lit_qlp uses it {use}); "
+        "lit_qlp/compat/transformers.py needs updating for this transformers version"
+    )
+
+
+def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The class ``AutoModelForCausalLM.from_config(config)`` builds (``LlamaForCausalLM`` for a ``LlamaConfig``).
+
+    Read from the mapping ``AutoModelForCausalLM`` itself uses, without building the model.
+    """
+    from transformers.models.auto import modeling_auto
+
+    mapping = getattr(modeling_auto, "MODEL_FOR_CAUSAL_LM_MAPPING", None)
+    if mapping is None:
+        raise _outdated("models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING", "to find a config's model class")
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        raise ValueError(
+            f"transformers has no causal language model for {type(config).__name__} "
+            f"(model_type {getattr(config, 'model_type', '?')!r}); lit_qlp needs a model AutoModelForCausalLM builds"
+        ) from None
+
+
+def supports_sdpa(model_class: type[PreTrainedModel]) -> bool:
+    """Whether models of ``model_class`` can run torch's scaled-dot-product attention (``_supports_sdpa``)."""
+    from transformers import PreTrainedModel
+
+    if not hasattr(PreTrainedModel, "_supports_sdpa"):
+        raise _outdated("PreTrainedModel._supports_sdpa", "to choose the attention implementation")
+    return bool(getattr(model_class, "_supports_sdpa", False))
+
+
+def set_attn_implementation(config: PretrainedConfig, name: str) -> None:
+    """Makes models built from ``config`` use attention implementation ``name`` ("sdpa", "eager", ...).
+
+    What ``attn_implementation=`` of ``from_pretrained`` sets; also sets it on the config's sub-configs.
+    """
+    if not hasattr(config, "_attn_implementation"):
+        raise _outdated(f"{type(config).__name__}._attn_implementation", "to choose the attention implementation")
+    config._attn_implementation = name
+
+
+def init_weights(model: PreTrainedModel, module: nn.Module) -> None:
+    """Initialises ``module`` (a submodule of ``model``) as ``model`` initialises its own submodules.
+
+    Recomputes what checkpoints do not hold (rotary inverse frequencies, Gemma's embedding scale) after a module is
+    materialised from the meta device. Gradients are not recorded.
+    """
+    if not hasattr(model, "_init_weights"):
+        raise _outdated(f"{type(model).__name__}._init_weights", "to fill non-persistent buffers")
+    with torch.no_grad():
+        model._init_weights(module)
+
+
+@functools.cache
+def mask_cache_keyword(mask_function: Callable) -> str:
+    """The name of the KV-cache argument of transformers' mask function ``mask_function`` (``create_causal_mask``
+    and the others of ``transformers.masking_utils``).
+
+    "cache" since transformers 5.24; before it "past_key_values", which 5.24 still takes with a deprecation
+    warning.
+    """
+    parameters = inspect.signature(mask_function).parameters
+    for keyword in MASK_CACHE_KEYWORDS:
+        if keyword in parameters:
+            return keyword
+    name = getattr(mask_function, "__qualname__", repr(mask_function))
+    raise _outdated(f"{' or '.join(MASK_CACHE_KEYWORDS)} argument of {name}", "to build masks without a KV cache")
+
+
+__all__ = [
+    "causal_lm_class",
+    "init_weights",
+    "mask_cache_keyword",
+    "set_attn_implementation",
+    "supports_sdpa",
+]

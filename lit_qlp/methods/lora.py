@@ -1,0 +1,138 @@
+"""LoRA: trainable low-rank updates beside the frozen linear layers of the decoder layers, exported as a PEFT
+adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from lit_qlp.adapters.lora import LoraAdapter, lora_tensors
+from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets
+from lit_qlp.formats.hf import copy_tokenizer_files
+from lit_qlp.formats.peft import peft_adapter_config, save_peft_adapter
+from lit_qlp.methods.base import TrainingMethod
+
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import Callback
+
+    from lit_qlp.bases import BaseFormat
+    from lit_qlp.models.pipeline import ModelSource
+    from lit_qlp.strategies.stages import StageGroup
+
+
+class LoRA(TrainingMethod):
+    """Low-rank adapters ``y = W x + s · B A x`` on the frozen linear layers (QLoRA with a 4-bit ``model.base``).
+
+    ``A`` starts Kaiming-uniform (per layer, from the run's seed), ``B`` at zero. alpha is the rank, so the scale
+    ``s`` is 1 (or ``sqrt(rank)`` with ``use_rslora``): tune the learning rate instead of alpha. Each epoch's export
+    is a PEFT adapter (``PeftModel.from_pretrained`` loads it). Installs ``AdapterNormLogging`` (train/norms_* =
+    ‖BA‖_F) and, with ``weight_decay``, ``CompositeWeightDecay``.
+
+    Args:
+        rank: LoRA rank r.
+        dropout: Dropout on the adapters' input.
+        target_modules: The linear layers of the decoder layers that get adapters: "all-linear" (every one) or
+            names such as ``[q_proj, v_proj]`` (a name selects a layer of that name or ending in ``.name``).
+        layers_to_transform: Decoder layers that get adapters, e.g. "0:31", "0:10,20:25,30" or "1,3,5" (inclusive
+            ranges); all layers when unset.
+        use_rslora: Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` = ``sqrt(r)`` instead of ``alpha / r`` = 1
+            (PEFT's ``use_rslora``; the export says so and PEFT, merge and the GGUF export apply it).
+        weight_dtype: Dtype of A and B and of their optimizer state.
+        compute_in_weight_dtype: Compute the low-rank path in ``weight_dtype`` (true, as PEFT does: the layer input
+            is copied to float32) or in the activations' dtype with A and B cast to it (false: bf16 matmuls and no
+            float32 copies, faster; weights, gradients and optimizer state stay in ``weight_dtype``).
+        weight_decay: Composite weight decay λ of each pair after every optimizer step, a gradient step on
+            ½‖BA‖²_F that shrinks the update ``BA`` itself (``CompositeWeightDecay``); needs float32 weights.
+    """
+
+    def __init__(
+        self,
+        rank: int = 64,
+        dropout: float = 0.0,
+        target_modules: str | list[str] = ALL_LINEAR,
+        layers_to_transform: str | None = None,
+        use_rslora: bool = False,
+        weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        compute_in_weight_dtype: bool = True,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(layers_to_transform)
+        if rank < 1:
+            raise ValueError(f"model.method.rank={rank} must be a positive integer")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"model.method.dropout={dropout} must be in [0, 1)")
+        if weight_decay < 0:
+            raise ValueError(f"model.method.weight_decay={weight_decay} must be >= 0")
+        if weight_decay and weight_dtype != "float32":
+            raise ValueError(
+                f"model.method.weight_decay needs float32 LoRA weights, but model.method.weight_dtype={weight_dtype!r}"
+                "; set model.method.weight_dtype=float32"
+            )
+        self.rank = rank
+        self.dropout = dropout
+        self.target_modules = target_modules
+        self.use_rslora = use_rslora
+        self.weight_dtype = weight_dtype
+        self.compute_in_weight_dtype = compute_in_weight_dtype
+        self.weight_decay = weight_decay
+
+    def targets(self, source: ModelSource) -> list[str]:
+        """The leaf names (``q_proj``, ...) of the decoder layers' linear layers that get adapters."""
+        decoder_linears = linear_names(source.submodule("model.layers.0"))
+        check_targets(decoder_linears, self.target_modules, f"{source.model_dir.name}'s decoder layers")
+        return [n.rsplit(".", 1)[-1] for n in match_targets(decoder_linears, self.target_modules)]
+
+    @override
+    def check(self, source: ModelSource, base: BaseFormat | None) -> None:
+        super().check(source, base)
+        self.targets(source)
+
+    @override
+    def layer_adapter(self, source: ModelSource, seed: int) -> LoraAdapter:
+        return LoraAdapter(
+            rank=self.rank,
+            alpha=self.rank,
+            dropout=self.dropout,
+            target_modules=self.targets(source),
+            layers=self.layers(source),
+            dtype=getattr(torch, self.weight_dtype),
+            seed=seed,
+            compute_in_input_dtype=not self.compute_in_weight_dtype,
+            use_rslora=self.use_rslora,
+        )
+
+    @override
+    def callbacks(self) -> list[Callback]:
+        from lit_qlp.callbacks.adapters import AdapterNormLogging, CompositeWeightDecay
+
+        decay = [CompositeWeightDecay(self.weight_decay)] if self.weight_decay else []
+        return [*decay, AdapterNormLogging()]
+
+    @override
+    def export(self, directory: Path, layers: list, stages: StageGroup, source: ModelSource) -> None:
+        """A PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``) and the tokenizer files; the
+        stages send their tensors to global rank 0, which writes."""
+        gathered = stages.gather_from_stages(lora_tensors([f for f in layers if isinstance(f, nn.Module)]))
+        if gathered is None:
+            return
+        tensors = {name: tensor for part in gathered for name, tensor in part.items()}
+        adapted = self.layers(source)
+        config = peft_adapter_config(
+            base_model=str(source.model_dir),
+            rank=self.rank,
+            alpha=self.rank,
+            dropout=self.dropout,
+            target_modules=self.targets(source),
+            layers_to_transform=None if len(adapted) == source.quirks.num_layers else adapted,
+        )
+        if self.use_rslora:
+            config["use_rslora"] = True
+        save_peft_adapter(directory, tensors, config)
+        copy_tokenizer_files(source.model_dir, directory)
+
+
+__all__ = ["LoRA"]
