@@ -1,0 +1,220 @@
+"""How cached token sequences are built: datasets read, tokenised, packed, shuffled, split and written to disk.
+
+``SequenceBuilder`` holds every option the result depends on; its ``cache_key`` hashes them with the contents of
+the source and tokenizer files, so any change rebuilds the cache and nothing else does. ``TextDataModule`` makes
+one from its options and loads what it writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lit_qlp.data.packing import Packed, pack, truncate_tokens
+from lit_qlp.data.sources import DatasetSource, dataset_files, read_documents
+from lit_qlp.data.tokenize import DocumentEncoder, TokenSpec, resolve_mask_tokens, resolve_sequence_prefix
+from lit_qlp.formats.hf import TOKENIZER_FILES
+
+CACHE_FORMAT = "lit-qlp-data-1"
+COLUMNS = ("input_ids", "labels", "control_classes")
+SUMMARY_FILE = "summary.json"
+
+
+def document_classes(documents: list, control_class: int) -> list[int]:
+    """Control class of each document: the dataset's, or for class 0 +1 or -1 from a hash of the document's tokens.
+
+    Control Adapters train both directions from unlabelled data this way; about half the documents get each sign,
+    and a document keeps its sign whatever else is in the dataset.
+    """
+    if control_class:
+        return [control_class] * len(documents)
+    return [1 if hashlib.blake2b(d.ids.tobytes(), digest_size=8).digest()[0] & 1 else -1 for d in documents]
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's contents, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SequenceBuilder:
+    """The options the cached sequences depend on (``TextDataModule``'s, documented there), and the build.
+
+    Attributes:
+        datasets: The dataset sources.
+        tokenizer_dir: Directory of the tokenizer.
+        sequence_len: Tokens per sequence.
+        The others: as the ``TextDataModule`` arguments of the same names.
+    """
+
+    datasets: tuple[DatasetSource, ...]
+    tokenizer_dir: Path
+    sequence_len: int
+    eval_fraction: float
+    max_sequences: int | None
+    drop_tails: bool
+    mix_datasets: bool
+    sequence_prefix: TokenSpec
+    document_prefix: TokenSpec
+    document_suffix: TokenSpec
+    mask_tokens: bool | int | list[int] | None
+    chat_labels: Literal["assistant", "all"]
+    add_prefix_space: bool
+    trust_remote_code: bool
+    split_class_zero: bool
+    seed: int
+
+    def load_tokenizer(self):
+        """The tokenizer of ``tokenizer_dir``."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=self.trust_remote_code)
+
+    def cache_key(self) -> str:
+        """Hash of everything the cached result depends on: source contents, tokenizer files and options."""
+        sources = [
+            {
+                "files": [[str(p), sha256_file(p)] for p in dataset_files(s)],
+                "max_tokens": s.max_tokens,
+                "control_class": s.control_class,
+            }
+            for s in self.datasets
+        ]
+        tokenizer = {
+            name: sha256_file(Path(self.tokenizer_dir) / name)
+            for name in TOKENIZER_FILES
+            if (Path(self.tokenizer_dir) / name).is_file()
+        }
+        options = {k: v for k, v in asdict(self).items() if k not in ("datasets", "tokenizer_dir")}
+        blob = json.dumps([CACHE_FORMAT, sources, tokenizer, options], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def build(self) -> tuple[Packed, Packed, list[dict[str, Any]]]:
+        """Reads, tokenises, packs, shuffles and splits every dataset; returns train, eval and per-dataset stats."""
+        from tqdm.auto import tqdm
+
+        tokenizer = self.load_tokenizer()
+        encoder = DocumentEncoder(
+            tokenizer,
+            self.document_prefix,
+            self.document_suffix,
+            frozenset(resolve_mask_tokens(tokenizer, self.mask_tokens)),
+            self.chat_labels,
+            self.add_prefix_space,
+        )
+        prefix = resolve_sequence_prefix(tokenizer, self.sequence_prefix)
+        stats, per_dataset = [], []
+        for index, source in enumerate(self.datasets):
+            documents = read_documents(source)
+            random.Random(self.seed + index).shuffle(documents)
+            encoded = []
+            with tqdm(total=len(documents), desc=f"tokenising {source.dataset_path}", unit="doc") as progress:
+                for start in range(0, len(documents), 1000):
+                    encoded += encoder.encode_batch(documents[start : start + 1000])
+                    progress.update(len(documents[start : start + 1000]))
+            encoded, cut = truncate_tokens(encoded, source.max_tokens)
+            if not encoded or not sum(len(d.ids) for d in encoded):
+                raise ValueError(f"data.datasets: dataset_path={source.dataset_path!r} holds no tokens")
+            per_dataset.append((encoded, source.control_class))
+            stats.append(
+                {
+                    "dataset": source.dataset_path,
+                    "documents": len(encoded),
+                    "tokens": int(sum(len(d.ids) for d in encoded)),
+                    "trained_tokens": int(sum(d.trained.sum() for d in encoded)),
+                    "dropped_tokens": int(cut),
+                }
+            )
+        per_dataset = [
+            (docs, document_classes(docs, cls) if self.split_class_zero else [cls] * len(docs))
+            for docs, cls in per_dataset
+        ]
+        if self.mix_datasets:
+            pairs = [(doc, c) for docs, classes in per_dataset for doc, c in zip(docs, classes)]
+            random.Random(self.seed).shuffle(pairs)
+            groups = [([d for d, _ in pairs], [c for _, c in pairs])]
+        else:
+            groups = per_dataset
+        packed_groups = [pack(docs, classes, self.sequence_len, prefix, self.drop_tails) for docs, classes in groups]
+        if not self.mix_datasets:
+            for stat, packed in zip(stats, packed_groups):
+                stat["sequences"] = len(packed.input_ids)
+                stat["dropped_tokens"] += packed.dropped_tokens
+        packed = Packed.concatenate(packed_groups, self.sequence_len)
+        if len(packed.input_ids) == 0:
+            raise ValueError(
+                f"data.datasets hold fewer tokens than one sequence of data.sequence_len={self.sequence_len}"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(packed.input_ids))
+        if self.max_sequences is not None:
+            order = order[: self.max_sequences]
+        n = len(order)
+        n_eval = min(n - 1, max(1, round(n * self.eval_fraction))) if self.eval_fraction else 0
+        return packed.take(order[n_eval:]), packed.take(order[:n_eval]), stats
+
+    def write_cache(self, path: Path) -> None:
+        """Builds and writes the cache directory ``path`` (published by a rename only when complete)."""
+        import datasets as hf_datasets
+        import pyarrow as pa
+
+        train, evaluation, stats = self.build()
+
+        def table(part: Packed):
+            columns = {
+                name: pa.FixedSizeListArray.from_arrays(
+                    pa.array(getattr(part, name).astype(np.int32).ravel()), self.sequence_len
+                )
+                for name in COLUMNS
+            }
+            return hf_datasets.Dataset(pa.table(columns))
+
+        summary = {
+            "datasets": stats,
+            "train_sequences": len(train.input_ids),
+            "eval_sequences": len(evaluation.input_ids),
+            "masked_label_fraction": float((train.labels == -100).mean()) if len(train.labels) else 0.0,
+            "packing_dropped_tokens": int(train.dropped_tokens),
+        }
+        # Write next to the final place, then rename: a crash never leaves a half-written cache behind.
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        splits = hf_datasets.DatasetDict({"train": table(train), "eval": table(evaluation)})
+        # One shard each: an empty evaluation split would otherwise be saved with no shard and fail to load.
+        splits.save_to_disk(str(tmp), num_shards={"train": 1, "eval": 1})
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another node published the same cache first
+
+
+def describe(summary: dict[str, Any], cache_path: Path, sequence_len: int) -> str:
+    """The data report printed at setup: per dataset and for the whole, from a cache's ``summary.json``."""
+    lines = [f"data cache {cache_path}"]
+    for s in summary["datasets"]:
+        masked = 1 - s["trained_tokens"] / max(1, s["tokens"])
+        sequences = f", {s['sequences']} sequences" if "sequences" in s else ""
+        lines.append(
+            f"  {s['dataset']}: {s['documents']} documents, {s['tokens']} tokens{sequences}, "
+            f"{masked:.1%} of document tokens without labels, {s['dropped_tokens']} tokens dropped"
+        )
+    lines.append(
+        f"  {summary['train_sequences']} training and {summary['eval_sequences']} evaluation sequences of "
+        f"{sequence_len} tokens; {summary['masked_label_fraction']:.1%} of training labels masked"
+    )
+    return "\n".join(lines)
+
+
+__all__ = ["CACHE_FORMAT", "COLUMNS", "SUMMARY_FILE", "SequenceBuilder", "describe", "document_classes"]
