@@ -38,8 +38,8 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """A jsonl corpus of short documents with a learnable pattern (see ``tests.test_training.write_corpus``)."""
-    from tests.test_training import write_corpus
+    """A jsonl corpus of short documents with a learnable pattern (see ``tests.runs.write_corpus``)."""
+    from tests.runs import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("data") / "corpus.jsonl")
 

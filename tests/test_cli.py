@@ -382,7 +382,7 @@ def test_time_based_checkpoints_and_retention(tiny_model, corpus, tmp_path, monk
     """A clock that advances 0.4 h per check: saves at steps 3, 6 and 9, the newest two kept, last -> 9."""
     from lightning.pytorch.callbacks import model_checkpoint
 
-    from tests.test_training import ROOT, fit_args
+    from tests.runs import ROOT, fit_args
 
     monkeypatch.setattr(model_checkpoint, "time", FakeClock(0.4 * 3600))
     args = fit_args(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder
-from tests.test_training import ROOT, fit_args, run_cli, scalars, write_corpus
+from tests.runs import ROOT, fit_args, run_cli, scalars, write_corpus
 from tests.tiny_models import VOCAB, stage_layers
 
 pytestmark = pytest.mark.gpu

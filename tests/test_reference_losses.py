@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_training import ROOT, run_cli, scalars
+from tests.runs import ROOT, run_cli, scalars
 
 pytestmark = pytest.mark.slow
 

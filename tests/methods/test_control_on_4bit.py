@@ -12,7 +12,7 @@ from lit_qlp.adapters.control import ControlAdapter
 from lit_qlp.bases import BitsAndBytes4bit
 from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.models.pipeline import ModelSource
-from tests.test_training import ROOT, fit_args, run_cli, scalars
+from tests.runs import ROOT, fit_args, run_cli, scalars
 from tests.tiny_models import VOCAB, stage_layers
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -95,7 +95,7 @@ CONTROL_4BIT = (
 
 @pytest.mark.slow
 def test_control_adapters_on_nf4_train_alike_in_one_and_two_stages_and_convert_to_lora(tiny_model, tmp_path):
-    from tests.test_control import opposite_datasets
+    from tests.methods.test_control import opposite_datasets
 
     model_dir = tiny_model("llama")
     up, down = opposite_datasets(tmp_path)

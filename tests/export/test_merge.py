@@ -12,7 +12,7 @@ import torch
 
 from lit_qlp.export.merge import merge_lora
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sharded_model(directory: Path, shard_size: str, **shape) -> Path:

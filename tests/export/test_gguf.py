@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lit_qlp.export.gguf import lora_to_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "base_model.model."
 T = gguf.GGMLQuantizationType
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from lit_qlp.adapters.control import ControlAdapter, ControlAdapterLayer, regularize_
 from lit_qlp.formats.control import load_control_adapter
-from tests.test_training import ROOT, assert_same_losses, fit_args, run_cli, scalars
+from tests.runs import ROOT, assert_same_losses, fit_args, run_cli, scalars
 
 H, R = 12, 4
 

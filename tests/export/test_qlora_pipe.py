@@ -29,7 +29,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "import_qlora_pipe_config.py"
 
 # Where the printed lit-qlp config holds each qlora-pipe-lite key that maps one to one.

@@ -10,7 +10,7 @@ from lit_qlp.methods import FullFineTuning, LoRA
 from lit_qlp.methods.full import full_trainable_parameters
 from lit_qlp.models.pipeline import ModelSource
 from lit_qlp.module import CausalLMModule
-from tests.test_training import ROOT, fit_args, run_cli, scalars
+from tests.runs import ROOT, fit_args, run_cli, scalars
 from tests.tiny_models import VOCAB
 
 

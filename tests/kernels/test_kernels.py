@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lit_qlp.kernels import cross_entropy, fused_head_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IGNORE = -100
 # (logit_scale, softcap): none, Cohere-like scale, Gemma-2-like softcap (small so that tanh saturates), both.
 TRANSFORMS = [(None, None), (0.0625, None), (None, 2.0), (0.5, 2.0)]
@@ -290,7 +290,7 @@ def run_interpreted_checks() -> None:
 def test_triton_kernels_through_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    code = "from tests.test_kernels import run_interpreted_checks; run_interpreted_checks()"
+    code = "from tests.kernels.test_kernels import run_interpreted_checks; run_interpreted_checks()"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interpreted checks passed" in result.stdout

@@ -9,7 +9,7 @@ from lit_qlp.bases import BitsAndBytes4bit
 from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, ModelSource, StageBuilder
 from lit_qlp.models.quantize import Quantization, check_bitsandbytes
-from tests.test_training import ROOT, TWO_STAGES, assert_same_losses, fit_args, run_cli, scalars
+from tests.runs import ROOT, TWO_STAGES, assert_same_losses, fit_args, run_cli, scalars
 from tests.tiny_models import VOCAB, stage_layers
 
 bnb = pytest.importorskip("bitsandbytes")

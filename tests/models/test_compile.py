@@ -10,7 +10,7 @@ from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
 from lit_qlp.bases import BitsAndBytes4bit
 from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder
 from lit_qlp.models.quantize import Quantization
-from tests.test_training import ROOT, fit_args, run_cli, scalars
+from tests.runs import ROOT, fit_args, run_cli, scalars
 
 SEQ = 12
 
