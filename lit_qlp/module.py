@@ -208,14 +208,8 @@ class CausalLMModule(pl.LightningModule):
             datamodule = self.trainer.datamodule
         except RuntimeError:  # not attached to a Trainer
             datamodule = None
-        if not self.method.uses_control_classes and isinstance(datamodule, HasDatasets):
-            steered = [s.dataset_path for s in datamodule.datasets if s.control_class]
-            if steered:
-                raise ValueError(
-                    f"data.datasets {steered} set control_class, which only Control Adapters use, but model.method "
-                    f"is {type(self.method).__name__}; set model.method to lit_qlp.methods.ControlAdapters or "
-                    "remove control_class"
-                )
+        if isinstance(datamodule, HasDatasets):
+            self.method.check_data(datamodule.datasets)
 
     # ----------------------------------------------------------------- export
     def export(self, directory: Path, layers: list | None = None, stages: StageGroup | None = None) -> None:

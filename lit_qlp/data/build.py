@@ -27,6 +27,27 @@ from lit_qlp.formats.hf import TOKENIZER_FILES
 CACHE_FORMAT = "lit-qlp-data-1"
 COLUMNS = ("input_ids", "labels", "control_classes")
 SUMMARY_FILE = "summary.json"
+BUILD_INPUTS = ("datasets", "tokenizer_dir")  # what a build reads; every other field is an option
+
+
+def check_build_options(
+    datasets: list, sequence_len: int, eval_fraction: float, max_sequences: int | None
+) -> list[DatasetSource]:
+    """Raises ValueError naming the ``data.*`` option and what to change for an option no build can use, and
+    FileNotFoundError for a dataset path that matches no file; returns ``datasets`` as ``DatasetSource``s."""
+    if sequence_len <= 0 or sequence_len % 64:
+        suggestion = max(64, round(sequence_len / 64) * 64)
+        raise ValueError(f"data.sequence_len={sequence_len} must be a multiple of 64; try {suggestion}")
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"data.eval_fraction={eval_fraction} must be in [0, 1)")
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"data.max_sequences={max_sequences} must be positive or unset")
+    if not datasets:
+        raise ValueError("data.datasets is empty; list at least one {dataset_path: ...}")
+    sources = [d if isinstance(d, DatasetSource) else DatasetSource(**d) for d in datasets]
+    for source in sources:
+        dataset_files(source)  # a path that matches nothing fails now, before anything is written
+    return sources
 
 
 def document_classes(documents: list, control_class: int) -> list[int]:
@@ -98,7 +119,7 @@ class SequenceBuilder:
             for name in TOKENIZER_FILES
             if (Path(self.tokenizer_dir) / name).is_file()
         }
-        options = {k: v for k, v in asdict(self).items() if k not in ("datasets", "tokenizer_dir")}
+        options = {k: v for k, v in asdict(self).items() if k not in BUILD_INPUTS}
         blob = json.dumps([CACHE_FORMAT, sources, tokenizer, options], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,8 +15,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from lit_qlp.data.build import COLUMNS, SUMMARY_FILE, SequenceBuilder, describe
-from lit_qlp.data.sources import DatasetSource, dataset_files
+from lit_qlp.data.build import BUILD_INPUTS, COLUMNS, SUMMARY_FILE, SequenceBuilder, check_build_options, describe
+from lit_qlp.data.sources import DatasetSource
 from lit_qlp.data.tokenize import TokenSpec
 
 
@@ -90,7 +91,7 @@ class TextDataModule(pl.LightningDataModule):
             that tokenise a leading word differently.
         trust_remote_code: Allow custom tokenizer code from ``tokenizer_dir``.
         split_class_zero: Give each document of a class-0 dataset class +1 or -1 from a hash of its tokens (about
-            half each), as Control Adapters train; set by the CLI from ``model.mode`` (true for "control").
+            half each), as Control Adapters train; set by the CLI from ``model.method`` (true for ControlAdapters).
         tokenizer_dir: Directory of the tokenizer; linked from ``model.model_dir`` by the CLI.
         cache_dir: Where tokenised datasets are cached; default ``~/.cache/lit-qlp/data``. Put it on a shared
             filesystem for several nodes.
@@ -122,22 +123,11 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if sequence_len <= 0 or sequence_len % 64:
-            suggestion = max(64, round(sequence_len / 64) * 64)
-            raise ValueError(f"data.sequence_len={sequence_len} must be a multiple of 64; try {suggestion}")
-        if not 0 <= eval_fraction < 1:
-            raise ValueError(f"data.eval_fraction={eval_fraction} must be in [0, 1)")
         if evals_per_epoch < 1:
             raise ValueError(f"data.evals_per_epoch={evals_per_epoch} must be at least 1 (eval_fraction=0 disables)")
         if eval_gradient_accumulation_steps is not None and eval_gradient_accumulation_steps < 1:
             raise ValueError(f"data.eval_gradient_accumulation_steps={eval_gradient_accumulation_steps} must be >= 1")
-        if max_sequences is not None and max_sequences < 1:
-            raise ValueError(f"data.max_sequences={max_sequences} must be positive or unset")
-        if not datasets:
-            raise ValueError("data.datasets is empty; list at least one {dataset_path: ...}")
-        self.datasets = [d if isinstance(d, DatasetSource) else DatasetSource(**d) for d in datasets]
-        for source in self.datasets:
-            dataset_files(source)  # a path that matches nothing fails now, before anything is written
+        self.datasets = check_build_options(datasets, sequence_len, eval_fraction, max_sequences)
         self.sequence_len = sequence_len
         self.eval_fraction = eval_fraction
         self.evals_per_epoch = evals_per_epoch
@@ -167,24 +157,9 @@ class TextDataModule(pl.LightningDataModule):
         """The build of this module's sequences: its options, frozen."""
         if self.tokenizer_dir is None:
             raise ValueError("data.tokenizer_dir is unset; it normally follows model.model_dir")
-        return SequenceBuilder(
-            tuple(self.datasets),
-            Path(self.tokenizer_dir),
-            self.sequence_len,
-            self.eval_fraction,
-            self.max_sequences,
-            self.drop_tails,
-            self.mix_datasets,
-            self.sequence_prefix,
-            self.document_prefix,
-            self.document_suffix,
-            self.mask_tokens,
-            self.chat_labels,
-            self.add_prefix_space,
-            self.trust_remote_code,
-            self.split_class_zero,
-            self.seed,
-        )
+        # Every other field of the builder is the option of the same name here.
+        options = {f.name: getattr(self, f.name) for f in fields(SequenceBuilder) if f.name not in BUILD_INPUTS}
+        return SequenceBuilder(tuple(self.datasets), Path(self.tokenizer_dir), **options)
 
     @override
     def setup(self, stage: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
 
     from lit_qlp.bases import BaseFormat
+    from lit_qlp.data.sources import DatasetSource
     from lit_qlp.models.pipeline import LayerAdapter, ModelSource
     from lit_qlp.strategies.stages import StageGroup
 
@@ -44,6 +46,16 @@ class TrainingMethod(ABC):
         """Raises ValueError, naming the option and what to change, when this method cannot train ``source`` with
         its frozen weights held in ``base``. Runs when the module is built, before anything is written."""
         self.layers(source)
+
+    def check_data(self, datasets: Sequence[DatasetSource]) -> None:
+        """Raises ValueError, naming the datasets and what to change, when this method cannot train on them; the
+        default refuses ``control_class``, which only methods with ``uses_control_classes`` read."""
+        steered = [s.dataset_path for s in datasets if s.control_class]
+        if steered and not self.uses_control_classes:
+            raise ValueError(
+                f"data.datasets {steered} set control_class, which only Control Adapters use, but model.method is "
+                f"{type(self).__name__}; set model.method to lit_qlp.methods.ControlAdapters or remove control_class"
+            )
 
     def trainable(self, source: ModelSource) -> frozenset[str]:
         """HF names of the base model's parameters that train (none for adapter methods)."""

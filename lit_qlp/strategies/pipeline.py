@@ -93,8 +93,19 @@ def process_topology(pipeline_stages: int, data_parallel_size: int, column_major
     return ProcessTopology(axes=["pipe", "data"], dims=[pipeline_stages, data_parallel_size])
 
 
+def layout_line(parts: list[int], data_parallel_size: int, micro_batches: int) -> str:
+    """The console line that says how the layers are spread (``parts``: each stage's first layer, then the end)."""
+    stages = len(parts) - 1
+    stage_layers = ", ".join(f"{parts[s]}-{parts[s + 1] - 1}" for s in range(stages))
+    return (
+        f"PipelineStrategy: {stages} stage(s) × {data_parallel_size} data-parallel, "
+        f"layers per stage {stage_layers}, {micro_batches} micro-batch(es) per step"
+    )
+
+
 class PipelineTopology:
-    """The pipeline × data-parallel coordinates of this process (``topology``: DeepSpeed's ``ProcessTopology``)."""
+    """The pipeline × data-parallel coordinates of this process (``topology``: DeepSpeed's ``ProcessTopology``) and
+    the collectives over them that ``StageGroup`` names."""
 
     pipeline_stages: int
     topology: Any
@@ -120,6 +131,14 @@ class PipelineTopology:
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Every stage of one data-parallel replica must see the same sequences.
         return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    def gather_from_stages(self, obj: Any) -> list[Any] | None:
+        """``obj`` of every stage of data-parallel replica 0, in stage order, on global rank 0 (None elsewhere)."""
+        return gather_from_stages(obj, self.stage_id, self.data_parallel_rank, self.world_size, self.is_global_zero)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in global rank order, on every rank (collective)."""
+        return all_gather_object(obj, self.world_size)
 
 
 class EngineCheckpoints:
@@ -277,7 +296,10 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
         self.accelerator.setup(trainer)
         self.model_to_device()
         spec: PipelineSpec = self.lightning_module.pipeline_spec(self.root_device)
-        parts = self._partition(spec)
+        types = [layer.typename.__name__ for layer in spec.layers]
+        parts = partition_layers(
+            self.partition_method, self.pipeline_stages, spec.parameter_counts, types, self.activation_checkpointing
+        )
         pipe = pipeline_engine.build_pipeline(
             spec, parts, self.topology, self.activation_checkpointing, self.activation_offload
         )
@@ -287,13 +309,7 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
         self.engine = pipeline_engine.build_engine(pipe, optimizer, config)
         # DeepSpeed's own clipping measures each stage's gradients alone; clip by the whole model's norm.
         replace_gradient_clipping(self.engine, self.clip_gradients)
-        self._report_layout(parts)
-
-    def _partition(self, spec: PipelineSpec) -> list[int]:
-        types = [layer.typename.__name__ for layer in spec.layers]
-        return partition_layers(
-            self.partition_method, self.pipeline_stages, spec.parameter_counts, types, self.activation_checkpointing
-        )
+        rank_zero_info(layout_line(parts, self.data_parallel_size, self.gradient_accumulation_steps))
 
     def _only_optimizer(self, trainer: pl.Trainer) -> Optimizer:
         self.setup_optimizers(trainer)
@@ -303,13 +319,6 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
                 "(set the learning rate from a callback)"
             )
         return self.optimizers[0]
-
-    def _report_layout(self, parts: list[int]) -> None:
-        stage_layers = ", ".join(f"{parts[s]}-{parts[s + 1] - 1}" for s in range(self.pipeline_stages))
-        rank_zero_info(
-            f"PipelineStrategy: {self.pipeline_stages} stage(s) × {self.data_parallel_size} data-parallel, "
-            f"layers per stage {stage_layers}, {self.gradient_accumulation_steps} micro-batch(es) per step"
-        )
 
     @override
     def configure_ddp(self) -> None:
@@ -355,14 +364,6 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
         group = self.engine.grid.get_pipe_parallel_group() if self.pipeline_stages > 1 else None
         parameters = list(self.engine.module.parameters())
         return pipeline_engine.clip_global_norm(parameters, self.gradient_clipping, self.root_device, group)
-
-    def gather_from_stages(self, obj: Any) -> list[Any] | None:
-        """``obj`` of every stage of data-parallel replica 0, in stage order, on global rank 0 (None elsewhere)."""
-        return gather_from_stages(obj, self.stage_id, self.data_parallel_rank, self.world_size, self.is_global_zero)
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        """``obj`` of every rank, in global rank order, on every rank (collective)."""
-        return all_gather_object(obj, self.world_size)
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any):
