@@ -81,4 +81,19 @@ class TrainingMethod(ABC):
         """
 
 
-__all__ = ["TrainingMethod"]
+def check_adapter_options(rank: int, dropout: float, weight_dtype: str, weight_decay: float) -> None:
+    """Raises ValueError naming the ``model.method`` option for the options every adapter method shares."""
+    if rank < 1:
+        raise ValueError(f"model.method.rank={rank} must be a positive integer")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"model.method.dropout={dropout} must be in [0, 1)")
+    if weight_decay < 0:
+        raise ValueError(f"model.method.weight_decay={weight_decay} must be >= 0")
+    if weight_decay and weight_dtype != "float32":
+        raise ValueError(
+            f"model.method.weight_decay needs float32 adapter weights, but model.method.weight_dtype={weight_dtype!r}"
+            "; set model.method.weight_dtype=float32"
+        )
+
+
+__all__ = ["TrainingMethod", "check_adapter_options"]

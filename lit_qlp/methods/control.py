@@ -14,7 +14,7 @@ from lit_qlp.adapters.control import ControlAdapter, ControlAdapterLayer
 from lit_qlp.formats.control import control_adapter_config
 from lit_qlp.formats.hf import copy_tokenizer_files
 from lit_qlp.formats.peft import PEFT_PREFIX, save_peft_adapter
-from lit_qlp.methods.base import TrainingMethod
+from lit_qlp.methods.base import TrainingMethod, check_adapter_options
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
@@ -53,19 +53,9 @@ class ControlAdapters(TrainingMethod):
         gamma: float = 0.5,
     ) -> None:
         super().__init__(layers_to_transform)
-        if rank < 1:
-            raise ValueError(f"model.method.rank={rank} must be a positive integer")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"model.method.dropout={dropout} must be in [0, 1)")
-        if weight_decay < 0:
-            raise ValueError(f"model.method.weight_decay={weight_decay} must be >= 0")
+        check_adapter_options(rank, dropout, weight_dtype, weight_decay)
         if not 0 < gamma <= 0.5:
             raise ValueError(f"model.method.gamma={gamma} must be in (0, 0.5]")
-        if weight_decay and weight_dtype != "float32":
-            raise ValueError(
-                f"model.method.weight_decay needs float32 adapter weights, but model.method.weight_dtype="
-                f"{weight_dtype!r}; set model.method.weight_dtype=float32"
-            )
         self.rank = rank
         self.dropout = dropout
         self.weight_dtype = weight_dtype

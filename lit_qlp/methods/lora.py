@@ -14,7 +14,7 @@ from lit_qlp.adapters.lora import LoraAdapter, lora_tensors
 from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets
 from lit_qlp.formats.hf import copy_tokenizer_files
 from lit_qlp.formats.peft import peft_adapter_config, save_peft_adapter
-from lit_qlp.methods.base import TrainingMethod
+from lit_qlp.methods.base import TrainingMethod, check_adapter_options
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
@@ -61,17 +61,7 @@ class LoRA(TrainingMethod):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(layers_to_transform)
-        if rank < 1:
-            raise ValueError(f"model.method.rank={rank} must be a positive integer")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"model.method.dropout={dropout} must be in [0, 1)")
-        if weight_decay < 0:
-            raise ValueError(f"model.method.weight_decay={weight_decay} must be >= 0")
-        if weight_decay and weight_dtype != "float32":
-            raise ValueError(
-                f"model.method.weight_decay needs float32 LoRA weights, but model.method.weight_dtype={weight_dtype!r}"
-                "; set model.method.weight_dtype=float32"
-            )
+        check_adapter_options(rank, dropout, weight_dtype, weight_decay)
         self.rank = rank
         self.dropout = dropout
         self.target_modules = target_modules
