@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lit_qlp.bases import BaseFormat
 from lit_qlp.kernels import TokenWeightedLoss
-from lit_qlp.kernels.cross_entropy import IGNORE_INDEX
+from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 from lit_qlp.methods import LoRA, TrainingMethod
 from lit_qlp.models.layout import TIED_EMBEDDING, PipelineSpec, pipeline_spec
 from lit_qlp.models.pipeline import ModelSource, StageBuilder

@@ -23,6 +23,7 @@ from lit_qlp.data.packing import Packed, pack, truncate_tokens
 from lit_qlp.data.sources import DatasetSource, dataset_files, read_documents
 from lit_qlp.data.tokenize import DocumentEncoder, TokenSpec, resolve_mask_tokens, resolve_sequence_prefix
 from lit_qlp.formats.hf import TOKENIZER_FILES
+from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 
 CACHE_FORMAT = "lit-qlp-data-1"
 COLUMNS = ("input_ids", "labels", "control_classes")
@@ -206,7 +207,7 @@ class SequenceBuilder:
             "datasets": stats,
             "train_sequences": len(train.input_ids),
             "eval_sequences": len(evaluation.input_ids),
-            "masked_label_fraction": float((train.labels == -100).mean()) if len(train.labels) else 0.0,
+            "masked_label_fraction": float((train.labels == IGNORE_INDEX).mean()) if len(train.labels) else 0.0,
             "packing_dropped_tokens": int(train.dropped_tokens),
         }
         # Write next to the final place, then rename: a crash never leaves a half-written cache behind.

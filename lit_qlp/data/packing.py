@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lit_qlp.data.tokenize import Encoded
-
-IGNORE_INDEX = -100
+from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 
 
 @dataclass

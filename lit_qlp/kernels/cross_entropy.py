@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-IGNORE_INDEX = -100
+from lit_qlp.kernels.fused_loss import fused_head_loss
 
 
 class TokenWeightedLoss:
@@ -58,8 +58,6 @@ class TokenWeightedLoss:
         return self.head.lm_head.weight
 
     def __call__(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from lit_qlp.kernels.fused_loss import fused_head_loss
-
         if self.head is None:
             raise RuntimeError("TokenWeightedLoss has no head: the pipeline's last layer must be an OutputPipe")
         loss_sum, _ = fused_head_loss(

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from lightning_utilities.core.imports import RequirementCache
 
-from lit_qlp.kernels.cross_entropy import IGNORE_INDEX
+IGNORE_INDEX = -100  # the label of a position that is not trained (transformers' convention)
 
 _TRITON_AVAILABLE = RequirementCache("triton")
 

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -28,9 +28,6 @@ from lit_qlp.compat.transformers import (
     supports_sdpa,
 )
 from lit_qlp.formats.hf import CheckpointReader
-
-if TYPE_CHECKING:
-    from lit_qlp.bases import BaseFormat
 
 
 class StageTensors(NamedTuple):
@@ -202,6 +199,12 @@ LayerAdapter = Callable[[nn.Module, int, str], nn.Module]
 (the same module changed in place, or a wrapper around it)."""
 
 
+class LayerConverter(Protocol):
+    """How a decoder layer's frozen weights are stored (``lit_qlp.bases.BaseFormat``): converts a layer in place."""
+
+    def convert(self, layer: nn.Module, compute_dtype: torch.dtype) -> None: ...
+
+
 @runtime_checkable
 class TakesControlClasses(Protocol):
     """A decoder layer (or wrapper) that is called with ``control_classes=`` ([batch, seq] in {-1, 0, 1}) besides the
@@ -256,7 +259,7 @@ class StageBuilder:
 
     source: ModelSource
     device: torch.device
-    base: BaseFormat | None = None
+    base: LayerConverter | None = None
     trainable: frozenset[str] = frozenset()
     positions: PositionCache = field(default_factory=PositionCache, compare=False, repr=False)
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_qlp.data.packing import IGNORE_INDEX, Packed
+from lit_qlp.data.packing import Packed
 from lit_qlp.data.sources import DatasetSource
 from lit_qlp.data.text import TextDataModule
+from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lit_qlp.data.packing import IGNORE_INDEX
 from lit_qlp.data.sources import DatasetSource
 from lit_qlp.data.tokenize import Encoded
+from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 from tests.data.helpers import (
     BOS,
     CONTENT,

@@ -7,8 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from lit_qlp.data.packing import IGNORE_INDEX, pack, truncate_tokens
+from lit_qlp.data.packing import pack, truncate_tokens
 from lit_qlp.data.tokenize import Encoded
+from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 from tests.data.helpers import Row
 
 # ----------------------------------------------------------------------------------------------------- packing

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_qlp.kernels import cross_entropy
-from lit_qlp.kernels.cross_entropy import IGNORE_INDEX, TokenWeightedLoss
+from lit_qlp.kernels.cross_entropy import TokenWeightedLoss
+from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 
 
 def random_logits_labels(shape, vocab, ignore_fraction, seed):
