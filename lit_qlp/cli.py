@@ -9,6 +9,7 @@ lit-qlp fit --config configs/lora.yaml --print_config
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -78,6 +79,32 @@ class LitQLPCLI(LightningCLI):
                 ]
             }
         )
+
+    def check_ckpt_path(self) -> None:
+        """``--ckpt_path last`` with no checkpoint fails here, before anything is written, naming the directory it
+        looked in (Lightning would only warn and train, or validate, from scratch)."""
+        config = self.config.get(str(self.subcommand))
+        if config is None or config.get("ckpt_path") != "last":
+            return
+        root = Path(config.get("trainer.default_root_dir") or ".")
+        directory = Path(config.get("checkpoint.dirpath") or root / "checkpoints")
+        if not (directory / "last.ckpt").exists() and not any(directory.glob("*.ckpt")):
+            raise FileNotFoundError(
+                f"--ckpt_path last: no checkpoint in {directory} (trainer.default_root_dir={str(root)!r}); point "
+                "trainer.default_root_dir at the run to resume, or leave out --ckpt_path to start a new run"
+            )
+
+    def before_fit(self) -> None:
+        self.check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self.check_ckpt_path()
+
+    def before_test(self) -> None:
+        self.check_ckpt_path()
+
+    def before_predict(self) -> None:
+        self.check_ckpt_path()
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

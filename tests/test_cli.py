@@ -331,6 +331,12 @@ def bad_input_cases():
             id="accumulate_grad_batches",
         ),
         pytest.param(
+            ["--ckpt_path", "last"],
+            FileNotFoundError,
+            ["--ckpt_path last", "ROOT_DIR/checkpoints", "leave out --ckpt_path"],
+            id="ckpt_path_last_without_checkpoint",
+        ),
+        pytest.param(
             ["--trainer.gradient_clip_val", "1.0"],
             ValueError,
             ["trainer.gradient_clip_val=1.0", "trainer.strategy.gradient_clipping"],
@@ -347,7 +353,7 @@ def test_bad_input_fails_early_and_writes_nothing(extra, error, fragments, asset
     root = tmp_path / "root"
     empty = tmp_path / "not_a_model"
     empty.mkdir()
-    placeholders = {"EMPTY_DIR": str(empty), "NO_FILES": str(tmp_path / "no-such-*.jsonl")}
+    placeholders = {"ROOT_DIR": str(root), "EMPTY_DIR": str(empty), "NO_FILES": str(tmp_path / "no-such-*.jsonl")}
 
     def fill(text: str) -> str:
         for placeholder, value in placeholders.items():
@@ -365,6 +371,15 @@ def test_bad_input_fails_early_and_writes_nothing(extra, error, fragments, asset
     assert not any(cwd.iterdir()), f"the run wrote into the working directory: {sorted(os.listdir(cwd))}"
     if root.exists() and any(root.iterdir()):
         raise WroteIntoRootDir(f"the failed run wrote into default_root_dir: {sorted(os.listdir(root))}")
+
+
+def test_validate_last_without_checkpoint_fails_and_writes_nothing(assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    config = write_config(tmp_path / "c.yaml", demo_like_config(assets, root))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*root/checkpoints"):
+        main(["validate", "--config", str(config), "--ckpt_path", "last"])
+    assert not root.exists() or not any(root.iterdir()), sorted(os.listdir(root))
 
 
 class FakeClock:
