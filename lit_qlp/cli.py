@@ -88,7 +88,7 @@ class LitQLPCLI(LightningCLI):
             return
         root = Path(config.get("trainer.default_root_dir") or ".")
         directory = Path(config.get("checkpoint.dirpath") or root / "checkpoints")
-        if not (directory / "last.ckpt").exists() and not any(directory.glob("*.ckpt")):
+        if not any(path.exists() for path in directory.glob("*.ckpt")):  # a dangling last.ckpt link is none
             raise FileNotFoundError(
                 f"--ckpt_path last: no checkpoint in {directory} (trainer.default_root_dir={str(root)!r}); point "
                 "trainer.default_root_dir at the run to resume, or leave out --ckpt_path to start a new run"
