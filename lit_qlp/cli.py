@@ -12,19 +12,57 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from lit_qlp.callbacks import EpochExport, RunCheckpoint
+from lit_qlp import config_files
+from lit_qlp.callbacks import EpochExport, InterruptCheckpoint, RunCheckpoint
+from lit_qlp.callbacks.interrupt import exit_status, interrupting_signal
 from lit_qlp.data import TextDataModule
 from lit_qlp.module import CausalLMModule
+from lit_qlp.rundir import RunLock, check_new_run, is_first_process, resolve_last
 
 
 def evals_to_interval(evals_per_epoch: int) -> float:
     """``trainer.val_check_interval`` (a fraction of the epoch) for ``evals_per_epoch`` evenly spaced evaluations."""
     return 1.0 / evals_per_epoch
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the run's resolved config to ``<default_root_dir>/config.yaml`` when training starts, after every
+    check that can refuse the run: a refused run, a checkpoint that fails to load, and ``validate``, ``test`` or
+    ``predict`` leave the config of the run in that directory as it was."""
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pass  # Lightning writes the config here, before the run can still be refused
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+
+def class_options_help() -> str:
+    """The epilog of ``--help``: the options of the class chosen for ``trainer.strategy``, ``model.method`` and
+    ``model.base`` are not among those it lists (jsonargparse shows them with ``--<key>.help CLASS``)."""
+    import inspect
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_qlp import bases, methods
+    from lit_qlp.strategies import PipelineStrategy
+
+    inherited = set(inspect.signature(DDPStrategy).parameters)
+    strategy = [name for name in inspect.signature(PipelineStrategy).parameters if name not in inherited]
+    others = [name for name in methods.__all__ if name not in ("LoRA", "TrainingMethod")]
+    base = [name for name in bases.__all__ if name != "BaseFormat"]
+    return (
+        "trainer.strategy, model.method and model.base each take a class, and the options of the class chosen are not "
+        f"listed above. Show them with --trainer.strategy.help PipelineStrategy ({', '.join(strategy)}), "
+        f"--model.method.help LoRA (or {', '.join(others)}) and --model.base.help {base[0]}."
+    )
 
 
 def splits_class_zero(method: Any) -> bool:
@@ -46,19 +84,30 @@ class LitQLPCLI(LightningCLI):
       ``<root>/checkpoints`` every ``checkpoint_interval_hours`` and at each epoch end, the newest
       ``max_checkpoints`` kept, with a ``last`` link, so that ``--ckpt_path last`` resumes.
     - ``export``: EpochExport, the adapter of each epoch in ``<root>/epoch{N}``.
+    - ``interrupt``: InterruptCheckpoint: SIGINT (Ctrl-C) or SIGTERM saves the current step and stops; the command
+      exits with 130 or 143 (``after_fit``) and ``--ckpt_path last`` resumes exactly.
     - ``trainer.callbacks``: RMSRatioSchedule (the learning rate of each step) and EvaluationReport (an evaluation
       before training, a console line after each) and ProgressReport (a line per step with throughput and ETA);
       ``--trainer.callbacks+=X`` adds one, a list replaces them.
     - ``data.tokenizer_dir`` follows ``model.model_dir``; ``trainer.val_check_interval`` follows
       ``data.evals_per_epoch``; ``data.split_class_zero`` follows ``model.method`` (true for Control Adapters).
     - ``model.method``: LoRA with its defaults (``--model.method lit_qlp.methods.ControlAdapters`` and so on).
+    - The run directory (``lit_qlp.rundir``): a new run refuses a root holding another run's checkpoints or
+      exports, ``fit`` locks its root, ``--ckpt_path last`` never starts from scratch, and ``config.yaml`` is
+      written when training starts (``RunConfig``), so refused runs and ``validate`` leave it as it was.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("save_config_callback", RunConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module configures its own optimizer
-        super().__init__(CausalLMModule, TextDataModule, *args, **kwargs)
+        self._lock: RunLock | None = None
+        try:
+            super().__init__(CausalLMModule, TextDataModule, *args, **kwargs)  # runs the subcommand
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -67,6 +116,8 @@ class LitQLPCLI(LightningCLI):
         parser.link_arguments("model.method", "data.split_class_zero", compute_fn=splits_class_zero)
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EpochExport, "export")
+        # After "checkpoint": both run last, in this order, and trainer.checkpoint_callback stays RunCheckpoint.
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
         parser.set_defaults({"trainer.strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"}})
         parser.set_defaults({"model.method": {"class_path": "lit_qlp.methods.LoRA"}})
         # Ordinary callbacks: `--trainer.callbacks+=...` adds to them, a `trainer.callbacks` list replaces them.
@@ -80,31 +131,59 @@ class LitQLPCLI(LightningCLI):
             }
         )
 
-    def check_ckpt_path(self) -> None:
-        """``--ckpt_path last`` with no checkpoint fails here, before anything is written, naming the directory it
-        looked in (Lightning would only warn and train, or validate, from scratch)."""
-        config = self.config.get(str(self.subcommand))
-        if config is None or config.get("ckpt_path") != "last":
+    def check_run_dir(self) -> None:
+        """The run-directory rules of ``lit_qlp.rundir``, checked before anything is written.
+
+        - ``--ckpt_path last`` with no complete checkpoint fails, naming the directory it looked in (Lightning
+          would only warn and train, or validate, from scratch); with a broken ``last.ckpt`` link it resumes from
+          the newest complete checkpoint and says so (``fit`` re-points the link).
+        - ``fit`` without ``--ckpt_path`` refuses a root holding another run's checkpoints or exports.
+        - ``fit`` locks the root for as long as the run lasts; a second run into it fails at once.
+        """
+        subcommand = str(self.subcommand)
+        config = self.config.get(subcommand)
+        if config is None:
             return
         root = Path(config.get("trainer.default_root_dir") or ".")
         directory = Path(config.get("checkpoint.dirpath") or root / "checkpoints")
-        if not any(path.exists() for path in directory.glob("*.ckpt")):  # a dangling last.ckpt link is none
-            raise FileNotFoundError(
-                f"--ckpt_path last: no checkpoint in {directory} (trainer.default_root_dir={str(root)!r}); point "
-                "trainer.default_root_dir at the run to resume, or leave out --ckpt_path to start a new run"
-            )
+        fitting = subcommand == "fit"
+        if config.get("ckpt_path") == "last":
+            newest = resolve_last(directory, root, repair=fitting and is_first_process())
+            if newest is not None and not fitting:
+                self.config_init[subcommand]["ckpt_path"] = str(newest)
+        elif fitting and config.get("ckpt_path") is None:
+            check_new_run(root, directory, config.get("export.dirname") or "epoch{epoch}")
+        if fitting and is_first_process():
+            self._lock = RunLock(root)
+            self._lock.acquire()
 
     def before_fit(self) -> None:
-        self.check_ckpt_path()
+        self.check_run_dir()
+
+    def after_fit(self) -> None:
+        """A run stopped by a signal (``InterruptCheckpoint``) exits with 128 + its number, after its checkpoint."""
+        signum = interrupting_signal(self.trainer)
+        if signum is not None:
+            raise SystemExit(exit_status(signum))
 
     def before_validate(self) -> None:
-        self.check_ckpt_path()
+        self.check_run_dir()
 
     def before_test(self) -> None:
-        self.check_ckpt_path()
+        self.check_run_dir()
 
     def before_predict(self) -> None:
-        self.check_ckpt_path()
+        self.check_run_dir()
+
+    @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Every parser (the main one and each subcommand's): config files read by ``lit_qlp.config_files`` (errors
+        name the file; an unquoted ``1:3`` asks for quotes), no abbreviated options (``--trainer.max_epoch`` is an
+        error, not ``--trainer.max_epochs``), and a ``--help`` that says how to show a chosen class's options."""
+        kwargs.setdefault("parser_mode", config_files.register())
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("epilog", class_options_help())
+        return super().init_parser(**kwargs)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

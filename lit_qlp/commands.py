@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -11,13 +12,14 @@ from pathlib import Path
 
 
 def command(function: Callable[..., None]) -> Callable[..., None]:
-    """Bad input (missing or existing paths, wrong values) ends the command with its message, not a traceback."""
+    """Bad input (missing or existing paths, wrong values, a checkpoint file refused by the weights-only unpickler)
+    ends the command with its message, not a traceback."""
 
     @wraps(function)
     def run(argv: list[str] | None = None) -> None:
         try:
             function(argv)
-        except (FileExistsError, FileNotFoundError, ValueError) as error:
+        except (FileExistsError, FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
             sys.exit(f"error: {error}")
 
     return run

@@ -51,3 +51,50 @@ class KillAtStep(pl.Callback):
 
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signal`` (a name: ``SIGTERM``, ``SIGINT``) to its own process when the given optimizer step has just
+    finished, on rank ``rank`` only (every rank when None): as ``kill -TERM <pid>`` or Ctrl-C would."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM", rank: int | None = None) -> None:
+        self.step = step
+        self.signal = signal
+        self.rank = rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import os
+        import signal
+
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class FailCheckpointWrites(pl.Callback):
+    """From the given optimizer step on, on rank ``rank`` only, every ``torch.save`` to a file fails as on a full
+    disk: it writes the first half of the file, then raises ``OSError(ENOSPC)``."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step = step
+        self.rank = rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            import torch
+
+            torch.save = half_written(torch.save, OSError(28, "No space left on device"))
+
+
+def half_written(save, error: Exception):
+    """A ``torch.save`` that writes the first half of what ``save`` would write to a path, then raises ``error``."""
+    import io
+
+    def failing_save(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, Path)):
+            return save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        save(obj, buffer, *args, **kwargs)
+        Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise error
+
+    return failing_save

@@ -163,6 +163,78 @@ def test_yaml_layer_range_quoting(assets, tmp_path, monkeypatch, capsys):
     assert "layers_to_transform" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "where, text, number",
+    [
+        (("model", "method", "init_args", "layers_to_transform"), "1:3", 63),
+        (("trainer", "max_time"), "1:00:00:00", 216000),
+    ],
+)
+def test_yaml_base60_number_asks_for_quotes(where, text, number, assets, tmp_path, monkeypatch, capsys):
+    """YAML 1.1 reads an unquoted ``1:3`` as the base-60 number 63: the error names the file, line and key and shows
+    the quoted form."""
+    monkeypatch.chdir(tmp_path)
+    content = demo_like_config(assets, tmp_path / "root")
+    section = content
+    for key in where[:-1]:
+        section = section[key]
+    section[where[-1]] = "PLACEHOLDER"
+    config = tmp_path / "unquoted.yaml"
+    config.write_text(yaml.safe_dump(content, sort_keys=False).replace("PLACEHOLDER", text), encoding="utf-8")
+    line = next(n for n, t in enumerate(config.read_text().splitlines(), 1) if text in t)
+    assert run(["fit", "--config", str(config)]) != 0
+    err = capsys.readouterr().err
+    assert f"unquoted.yaml, line {line}: YAML reads `{where[-1]}: {text}` as the base-60 number {number}" in err
+    assert f"quote it: {where[-1]}: '{text}'" in err
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize(
+    "text, place",
+    [
+        ("trainer:\n  max_epochs: 1\n  devices: [1\nmodel:\n  lr: 1\n", "line 4, column 6"),
+        ("trainer:\n  max_epochs: 1\n    devices: 1\n", "line 3, column 12"),
+        ('model:\n  model_dir: "unterminated\n', "line 3, column 1"),
+    ],
+)
+def test_invalid_yaml_names_its_file(text, place, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "broken.yaml"
+    config.write_text(text, encoding="utf-8")
+    assert run(["fit", "--config", str(config)]) != 0
+    err = capsys.readouterr().err
+    assert f"broken.yaml, {place}: invalid YAML" in err and "fix the file's syntax" in err
+
+
+def test_help_says_how_to_show_the_strategy_options(capsys):
+    assert run(["fit", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the help is wrapped at the terminal width
+    assert "--trainer.strategy.help PipelineStrategy (pipeline_stages, gradient_accumulation_steps," in out
+    assert "--model.method.help LoRA (or ControlAdapters, FullFineTuning)" in out
+    assert "--model.base.help BitsAndBytes4bit" in out
+    assert run(["fit", "--trainer.strategy.help", "PipelineStrategy"]) == 0
+    out = capsys.readouterr().out
+    assert "--trainer.strategy.pipeline_stages" in out and "--trainer.strategy.gradient_accumulation_steps" in out
+
+
+@pytest.mark.parametrize(
+    "extra, name",
+    [
+        (["--trainer.max_epoch", "2"], "--trainer.max_epoch"),
+        (["--data.sequence", "128"], "--data.sequence"),
+        (["--trainer.default_root", "elsewhere"], "--trainer.default_root"),
+    ],
+)
+def test_abbreviated_options_are_refused(extra, name, assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "c.yaml", demo_like_config(assets, tmp_path / "root"))
+    assert run(["fit", "--config", str(config), *extra, "--print_config"]) != 0
+    assert f"unrecognized arguments: {name}" in capsys.readouterr().err
+    assert run(["fit", "--conf", str(config), "--print_config"]) != 0  # LightningCLI's own --config, too
+    assert "unrecognized arguments: --conf" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml"]
+
+
 def test_default_strategy_is_pipeline(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--model.model_dir", str(assets["model_dir"])]
@@ -270,6 +342,12 @@ def bad_input_cases():
             id="sequence_len",
         ),
         pytest.param(
+            ["--data.sequence_len", "0"],
+            ValueError,
+            ["data.sequence_len=0", "must be positive", "multiple of 64"],
+            id="sequence_len_zero",
+        ),
+        pytest.param(
             ["--model.model_dir", "EMPTY_DIR"],
             FileNotFoundError,
             ["model.model_dir=", "EMPTY_DIR", "config.json"],
@@ -371,6 +449,39 @@ def test_bad_input_fails_early_and_writes_nothing(extra, error, fragments, asset
     assert not any(cwd.iterdir()), f"the run wrote into the working directory: {sorted(os.listdir(cwd))}"
     if root.exists() and any(root.iterdir()):
         raise WroteIntoRootDir(f"the failed run wrote into default_root_dir: {sorted(os.listdir(root))}")
+
+
+@pytest.mark.parametrize(
+    "name, content, fragments",
+    [
+        ("latin1.txt", "caf\xe9 w1 w2".encode("latin-1"), ["latin1.txt, line 1: not UTF-8 text", "convert the file"]),
+        (
+            "chat.jsonl",
+            json.dumps({"messages": [{"role": "user", "content": "w1"}, {"role": "wizard", "content": "w2"}]}).encode(),
+            ["chat.jsonl, line 1: turn 1 has unknown role 'wizard'", "'system', 'user', 'assistant'"],
+        ),
+        (
+            "object.json",
+            json.dumps({"data": [{"text": "w1"}]}).encode(),
+            ["object.json: a .json dataset must hold a list of records", "its key 'data' holds a list"],
+        ),
+    ],
+)
+def test_unreadable_dataset_fails_before_the_run_writes(name, content, fragments, assets, tmp_path, monkeypatch):
+    """Datasets are read when the cache is built, in ``prepare_data``: before the logger or any callback writes into
+    default_root_dir."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    dataset = tmp_path / name
+    dataset.write_bytes(content)
+    config = write_config(tmp_path / "c.yaml", demo_like_config(assets, root))
+    args = ["fit", "--config", str(config), "--data.datasets", json.dumps([{"dataset_path": str(dataset)}])]
+    with pytest.raises(ValueError) as info:
+        main([*args, "--data.cache_dir", str(tmp_path / "cache")])
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in the error:\n{info.value}"
+    written = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    assert not written, f"the failed run wrote into default_root_dir: {written}"
 
 
 def test_validate_last_without_checkpoint_fails_and_writes_nothing(assets, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from lit_qlp.callbacks.adapters import AdapterNormLogging, CompositeWeightDecay,
 from lit_qlp.callbacks.checkpoint import RunCheckpoint
 from lit_qlp.callbacks.evaluation import EvaluationReport
 from lit_qlp.callbacks.export import EpochExport
+from lit_qlp.callbacks.interrupt import InterruptCheckpoint
 from lit_qlp.callbacks.progress import ProgressReport
 from lit_qlp.callbacks.schedule import RMSRatioSchedule
 
@@ -13,6 +14,7 @@ __all__ = [
     "ControlAdapterRegularizer",
     "EpochExport",
     "EvaluationReport",
+    "InterruptCheckpoint",
     "ProgressReport",
     "RMSRatioSchedule",
     "RunCheckpoint",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
-from lit_qlp.compat.lightning import set_checkpoint_triggers
+from lit_qlp.compat.lightning import last_saved_step, save_checkpoint_now, set_checkpoint_triggers
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -16,9 +22,11 @@ class RunCheckpoint(ModelCheckpoint):
     to the newest.
 
     Each checkpoint is a DeepSpeed checkpoint directory named ``epoch=E-step=S.ckpt``, written under a
-    ``.partial`` name and renamed when complete (see ``PipelineStrategy.save_checkpoint``); older ones are deleted
-    only after a newer one is complete, so a crash never leaves the run without a good checkpoint.
-    ``--ckpt_path last`` resumes from the newest.
+    ``.partial`` name and renamed when complete (see ``PipelineStrategy.save_checkpoint``). ``last.ckpt`` is then
+    re-pointed at it; a checkpoint beyond ``max_checkpoints`` is deleted only once ``last`` points at a newer
+    complete one (``PipelineStrategy.remove_checkpoint``), so a crash at any moment leaves ``last`` pointing at a
+    complete checkpoint, or missing for an instant, which ``--ckpt_path last`` then recovers from. A resumed run
+    may change ``max_checkpoints``: the surplus is deleted after its first save.
 
     Args:
         checkpoint_interval_hours: Hours of training between time-based saves (0 disables them). The clock starts
@@ -65,6 +73,76 @@ class RunCheckpoint(ModelCheckpoint):
         set_checkpoint_triggers(self, every_n_train_steps, every_n_epochs=1 if save_on_epoch_end else 0)
         self.checkpoint_interval_hours = checkpoint_interval_hours
         self.max_checkpoints = max_checkpoints
+        self._pending_removals: list[str] = []  # deleted once last.ckpt points at a newer complete checkpoint
+
+    def save_now(self, trainer: pl.Trainer) -> None:
+        """Saves a checkpoint of the current step (unless one of it exists), with retention and ``last`` as for a
+        scheduled save: for callbacks that must save outside the schedule (an interrupted run)."""
+        save_checkpoint_now(self, trainer)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        with warnings.catch_warnings():
+            # A new run never starts in a directory holding checkpoints (lit_qlp.rundir): a resumed one does.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the kept checkpoints of the resumed run, reconciled with this run's ``max_checkpoints`` and
+        with the disk: vanished ones are forgotten, the oldest beyond ``max_checkpoints`` are deleted after the
+        next save. A run whose directory was moved keeps them (their paths are rebased onto ``dirpath``)."""
+        super().load_state_dict(rebased(state_dict, self.dirpath))
+        kept = {path: score for path, score in self.best_k_models.items() if Path(path).exists()}
+        by_step = sorted(kept, key=lambda path: float(kept[path]))
+        surplus, keep = by_step[: -self.max_checkpoints], by_step[-self.max_checkpoints :]
+        self._pending_removals.extend(surplus)
+        self.best_k_models = {path: kept[path] for path in keep}
+        if len(keep) == self.save_top_k:
+            self.kth_best_model_path, self.kth_value = keep[0], kept[keep[0]]
+        else:
+            self.kth_best_model_path, self.kth_value = "", torch.tensor(float("-inf"))
+        if keep:
+            self.best_model_path, self.best_model_score = keep[-1], kept[keep[-1]]
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        self._remove_surplus(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._remove_surplus(trainer)
+
+    def _remove_surplus(self, trainer: pl.Trainer) -> None:
+        """Deletes the checkpoints a resumed run keeps beyond ``max_checkpoints`` once it has saved one of its own
+        (``last`` then points at it)."""
+        if not self._pending_removals or self.best_model_path in self._pending_removals or not self.best_model_path:
+            return
+        if trainer.global_step != last_saved_step(self):
+            return  # no save of this run yet
+        pending, self._pending_removals = self._pending_removals, []
+        for filepath in pending:
+            trainer.strategy.remove_checkpoint(filepath)
+
+
+def rebased(state_dict: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """ModelCheckpoint's state with the checkpoint paths of the directory it was saved in moved to ``dirpath``
+    (the same run, resumed after its directory moved); unchanged when the directory is the same."""
+    saved = state_dict.get("dirpath")
+    if not saved or not dirpath or os.path.abspath(saved) == os.path.abspath(dirpath):
+        return state_dict
+
+    def move(path: str) -> str:
+        return os.path.join(dirpath, os.path.basename(path)) if path and os.path.dirname(path) == saved else path
+
+    state = dict(state_dict, dirpath=dirpath)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = move(state[key])
+    state["best_k_models"] = {move(p): score for p, score in state.get("best_k_models", {}).items()}
+    return state
 
 
 __all__ = ["RunCheckpoint"]

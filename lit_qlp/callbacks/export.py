@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
+
+from lit_qlp.callbacks.interrupt import interrupting_signal
 
 
 class EpochExport(Callback):
@@ -17,7 +20,7 @@ class EpochExport(Callback):
 
     For LoRA that is a PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``) with the tokenizer
     files, loadable with ``peft.PeftModel.from_pretrained`` over the base model. An existing directory of the same
-    name is not overwritten: the run stops with an error before writing anything there.
+    name is not overwritten: the run refuses to start when one of those it will write exists (``planned``).
 
     Args:
         dirname: Name of the directory, formatted with ``epoch`` (the 1-based epoch number).
@@ -41,14 +44,30 @@ class EpochExport(Callback):
                 "set trainer.default_root_dir to a new directory"
             )
 
+    def planned(self, trainer: pl.Trainer) -> list[Path]:
+        """The export directories this run will write from where it starts: ``epoch{N}`` for each epoch it will
+        complete and, when ``max_steps`` stops it part-way through an epoch, ``step{max_steps}``."""
+        first = trainer.current_epoch + 1
+        last = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else first
+        steps_per_epoch = trainer.num_training_batches
+        if trainer.max_steps is None or trainer.max_steps < 0 or not math.isfinite(steps_per_epoch):
+            return [self.directory(trainer, e) for e in range(first, last + 1)]
+        stop = min(trainer.max_steps, last * int(steps_per_epoch))
+        completed = stop // int(steps_per_epoch)
+        planned = [self.directory(trainer, e) for e in range(first, completed + 1)]
+        if stop % int(steps_per_epoch) and stop > trainer.global_step:
+            planned.append(Path(trainer.default_root_dir) / f"step{stop}")
+        return planned
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Fail before the first step, not after an epoch of training.
-        last = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else trainer.current_epoch + 1
-        self._refuse_existing(trainer, range(trainer.current_epoch + 1, last + 1))
+        self._refuse_existing_dirs(trainer, self.planned(trainer))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if interrupting_signal(trainer) is not None:
+            return  # an interrupted run (InterruptCheckpoint) only checkpoints; the resumed run writes the export
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # Stopped part-way (max_steps): the epoch's export is written when a resumed run completes it.
             directory = Path(trainer.default_root_dir) / f"step{trainer.global_step}"

@@ -1,5 +1,6 @@
 """What lit_qlp relies on of DeepSpeed beyond its public API: one CPU workaround, the gradient-clipping hook, the
-PipelineModule hooks lit_qlp overrides, the tied-weight marker and the per-layer checkpoint file names.
+PipelineModule hooks lit_qlp overrides, the tied-weight marker, the per-layer checkpoint file names and the checkpoint
+engine through which an engine reads and writes checkpoint files.
 
 DeepSpeed is imported inside the functions.
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -187,7 +189,134 @@ def layer_checkpoint_file(step_dir: Path, index: int) -> Path:
         ) from error
 
 
+class _FilesReadThrough:
+    """A DeepSpeed checkpoint engine that reads files with ``read(path, map_location)`` and does all else as
+    ``inner``."""
+
+    def __init__(self, inner: Any, read: Callable[[str, Any], Any]) -> None:
+        self._inner = inner
+        self._read = read
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        """The file at ``path``, read by the given function (``CheckpointEngine.load``'s signature)."""
+        return self._read(path, map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextmanager
+def checkpoint_files_read_with(engine: Any, read: Callable[[str, Any], Any]) -> Iterator[None]:
+    """While the block runs, every file ``engine.load_checkpoint`` reads is read by ``read(path, map_location)``.
+
+    DeepSpeed 0.19's ``TorchCheckpointEngine.load`` unpickles with ``torch.load(..., weights_only=False)`` (made
+    explicit for torch 2.6's safe default by deepspeedai/DeepSpeed#6751), so a crafted checkpoint file runs code as
+    it loads; no option turns that off. A pipeline engine without ZeRO (lit_qlp's) reads every file of
+    ``load_checkpoint`` through its ``checkpoint_engine.load``: the ``mp_rank_*`` states (client and optimizer state
+    included) through ``SDLoaderBase.load``, the layer files through ``PipelineEngine.load_module_state_dict`` and
+    ``PipelineModule.load_state_dir``. The block puts a checkpoint engine that reads through ``read`` in the
+    engine's place and restores the original when it ends, also on an error; nested blocks nest.
+
+    Args:
+        engine: A ``DeepSpeedEngine`` (or ``PipelineEngine``) from ``deepspeed.initialize``.
+        read: Called with a file's path and DeepSpeed's ``map_location``; returns the unpickled object.
+    """
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.state_dict_factory import SDLoaderBase
+
+    if not isinstance(engine, DeepSpeedEngine):
+        raise TypeError(f"checkpoint_files_read_with needs a DeepSpeedEngine, got {type(engine).__name__}")
+    use = "to load checkpoints with weights_only=True"
+    original = getattr(engine, "checkpoint_engine", None)
+    if not isinstance(original, CheckpointEngine | _FilesReadThrough):
+        raise _outdated(f"{type(engine).__name__}.checkpoint_engine (a CheckpointEngine)", use)
+    _require_call(DeepSpeedEngine, "_load_checkpoint", "checkpoint_engine", use)
+    _require_call(SDLoaderBase, "load", "checkpoint_engine", use)
+    if isinstance(engine, PipelineEngine):
+        _require_call(PipelineEngine, "load_module_state_dict", "checkpoint_engine", use)
+    engine.checkpoint_engine = _FilesReadThrough(original, read)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = original
+
+
+class FailedWrite:
+    """A DeepSpeed checkpoint engine that writes (``save``, ``makedirs``) as ``inner`` until a write fails; then it
+    keeps that write's ``error`` and ``path``, skips the remaining writes and returns normally. Everything else is
+    ``inner``'s."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.error: Exception | None = None
+        self.path: str | None = None
+
+    def _write(self, write: Callable[..., Any], path: str, *args: Any, **kwargs: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            write(*args, **kwargs)
+        except Exception as error:  # a full disk, above all (OSError, or torch's RuntimeError)
+            self.error, self.path = error, str(path)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        """Writes ``state_dict`` to ``path`` unless a write failed (``CheckpointEngine.save``'s signature)."""
+        self._write(self._inner.save, path, state_dict, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        """Creates the directory ``path`` unless a write failed (``CheckpointEngine.makedirs``'s signature)."""
+        self._write(self._inner.makedirs, path, path, exist_ok=exist_ok)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextmanager
+def checkpoint_write_failure_kept(engine: Any) -> Iterator[FailedWrite]:
+    """While the block runs, a file write of ``engine.save_checkpoint`` that fails does not raise: the block's
+    ``FailedWrite`` keeps the error, and the rest of the save runs without writing, so that it reaches DeepSpeed's
+    barriers on every rank as when the save succeeds.
+
+    DeepSpeed 0.19's ``save_checkpoint`` writes every file of a pipeline engine without ZeRO (lit_qlp's) through its
+    ``checkpoint_engine`` (``save`` and ``makedirs``: the layer files in ``PipelineModule.save_state_dict``, the
+    ``mp_rank_*`` states in ``_save_checkpoint``), between collectives (a barrier, the tag check) and a last barrier;
+    a rank whose write raised would skip that barrier and leave the others waiting in it. Only its ``latest`` file
+    is written directly: pass ``save_latest=False`` and write it after the block. The block puts a ``FailedWrite``
+    in the engine's place and restores the original when it ends.
+
+    Args:
+        engine: A ``DeepSpeedEngine`` (or ``PipelineEngine``) from ``deepspeed.initialize``.
+    """
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if not isinstance(engine, DeepSpeedEngine):
+        raise TypeError(f"checkpoint_write_failure_kept needs a DeepSpeedEngine, got {type(engine).__name__}")
+    use = "to make every rank finish a checkpoint save that fails on one"
+    original = getattr(engine, "checkpoint_engine", None)
+    if not isinstance(original, CheckpointEngine | _FilesReadThrough):
+        raise _outdated(f"{type(engine).__name__}.checkpoint_engine (a CheckpointEngine)", use)
+    _require_call(DeepSpeedEngine, "save_checkpoint", "checkpoint_engine", use)
+    _require_call(DeepSpeedEngine, "_save_checkpoint", "checkpoint_engine", use)
+    if isinstance(engine, PipelineEngine):
+        _require_call(PipelineEngine, "module_state_dict", "checkpoint_engine", use)
+        _require_call(PipelineModule, "save_state_dict", "save", use)
+    failed = FailedWrite(original)
+    engine.checkpoint_engine = failed
+    try:
+        yield failed
+    finally:
+        engine.checkpoint_engine = original
+
+
 __all__ = [
+    "FailedWrite",
+    "checkpoint_files_read_with",
+    "checkpoint_write_failure_kept",
     "is_pipe_replicated",
     "layer_checkpoint_file",
     "replace_gradient_clipping",

@@ -67,4 +67,25 @@ def set_checkpoint_triggers(checkpoint: ModelCheckpoint, every_n_train_steps: in
     checkpoint._every_n_epochs = every_n_epochs
 
 
-__all__ = ["keep_first_loop_iter", "set_checkpoint_triggers"]
+def save_checkpoint_now(checkpoint: ModelCheckpoint, trainer: pl.Trainer) -> None:
+    """Makes ``checkpoint`` save the current step now, with its retention and ``last`` link, as its own triggers
+    do (nothing if it saved this step already)."""
+    for name in ("_last_global_step_saved", "_monitor_candidates", "_save_topk_checkpoint", "_save_last_checkpoint"):
+        if not hasattr(checkpoint, name):
+            raise _outdated(f"ModelCheckpoint.{name}", "to save a checkpoint outside its schedule")
+    if checkpoint._last_global_step_saved == trainer.global_step:
+        return
+    candidates = checkpoint._monitor_candidates(trainer)
+    checkpoint._save_topk_checkpoint(trainer, candidates)
+    checkpoint._save_last_checkpoint(trainer, candidates)
+
+
+def last_saved_step(checkpoint: ModelCheckpoint) -> int:
+    """The global step ``checkpoint`` last saved at in this run (-1 before its first save)."""
+    if not hasattr(checkpoint, "_last_global_step_saved"):
+        raise _outdated("ModelCheckpoint._last_global_step_saved", "to know when a checkpoint was saved")
+    step = checkpoint._last_global_step_saved
+    return -1 if step is None else int(step)
+
+
+__all__ = ["keep_first_loop_iter", "last_saved_step", "save_checkpoint_now", "set_checkpoint_triggers"]

@@ -36,7 +36,11 @@ def check_build_options(
 ) -> list[DatasetSource]:
     """Raises ValueError naming the ``data.*`` option and what to change for an option no build can use, and
     FileNotFoundError for a dataset path that matches no file; returns ``datasets`` as ``DatasetSource``s."""
-    if sequence_len <= 0 or sequence_len % 64:
+    if sequence_len <= 0:
+        raise ValueError(
+            f"data.sequence_len={sequence_len} must be positive, a multiple of 64; try 64 or more (the default is 2048)"
+        )
+    if sequence_len % 64:
         suggestion = max(64, round(sequence_len / 64) * 64)
         raise ValueError(f"data.sequence_len={sequence_len} must be a multiple of 64; try {suggestion}")
     if not 0 <= eval_fraction < 1:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -12,12 +14,29 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from lit_qlp.data.build import BUILD_INPUTS, COLUMNS, SUMMARY_FILE, SequenceBuilder, check_build_options, describe
 from lit_qlp.data.sources import DatasetSource
 from lit_qlp.data.tokenize import TokenSpec
+
+NOT_RESUMABLE_WARNING = (
+    "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable"
+)
+"""How Lightning's warning about a mid-epoch resume opens (``loops/training_epoch_loop.py``, lightning 2.6)."""
+
+
+def ignore_not_resumable_warning() -> None:
+    """Silences Lightning's warning that a mid-epoch resume is unreliable because the training loader is "not
+    resumable", for a run whose ``TextDataModule`` restored the position itself.
+
+    Lightning looks only at the loader (``state_dict`` / ``load_state_dict`` on it); the position here is the data
+    module's state, applied to the sampler (``ResumableSampler``), so the resumed epoch continues at the exact next
+    batch and the warning is wrong. The filter matches that one message only, and adding it again changes nothing.
+    """
+    warnings.filterwarnings("ignore", message=re.escape(NOT_RESUMABLE_WARNING), category=PossibleUserWarning)
 
 
 class SequenceDataset(Dataset):
@@ -64,8 +83,10 @@ class TextDataModule(pl.LightningDataModule):
     leave a global batch incomplete is dropped. Resuming continues at the exact next batch, mid-epoch included.
 
     The result is cached in ``cache_dir`` under a key made of the source files' contents, the tokenizer files and
-    every option here, so any change rebuilds it and nothing else does. Global rank 0 builds while the others wait;
-    if the cache directory is not shared between nodes, local rank 0 of each other node then builds its own copy.
+    every option here, so any change rebuilds it and nothing else does. Global rank 0 builds in ``prepare_data``,
+    before Lightning's loggers and callbacks write into the run directory (a dataset that cannot be read fails
+    first), while the others wait; if the cache directory is not shared between nodes, local rank 0 of each other
+    node then builds its own copy in ``setup``.
 
     Args:
         datasets: The datasets to mix (``dataset_path``, optional ``max_tokens`` and ``control_class``).
@@ -152,6 +173,7 @@ class TextDataModule(pl.LightningDataModule):
         self.cache_path: Path | None = None
         self._train_sampler: ResumableSampler | None = None
         self._resume: dict[str, int] | None = None
+        self.prepare_data_per_node = False  # prepare_data on global rank 0; setup builds other nodes' copies
 
     def builder(self) -> SequenceBuilder:
         """The build of this module's sequences: its options, frozen."""
@@ -161,28 +183,40 @@ class TextDataModule(pl.LightningDataModule):
         options = {f.name: getattr(self, f.name) for f in fields(SequenceBuilder) if f.name not in BUILD_INPUTS}
         return SequenceBuilder(tuple(self.datasets), Path(self.tokenizer_dir), **options)
 
+    def locate_cache(self) -> Path:
+        """``cache_dir / <cache key>``: where this module's sequences are cached (the key is computed once)."""
+        if self.cache_path is None:
+            self.cache_path = self.cache_dir / self.builder().cache_key()
+        return self.cache_path
+
+    def build_cache(self) -> None:
+        """Builds the cache directory of this module's sequences unless it exists."""
+        path = self.locate_cache()
+        if not (path / SUMMARY_FILE).is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.builder().write_cache(path)
+
+    @override
+    def prepare_data(self) -> None:
+        self.build_cache()
+
     @override
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
         import datasets as hf_datasets
 
-        builder = self.builder()
-        path = self.cache_dir / builder.cache_key()
-        self.cache_path = path
         trainer = self.trainer
-        ready = (path / SUMMARY_FILE).is_file
         if trainer is None or trainer.world_size == 1:
-            if not ready():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                builder.write_cache(path)
+            self.build_cache()
         else:
-            # Global rank 0 builds; on nodes that do not share the cache directory, local rank 0 builds its copy.
+            # Global rank 0 built in prepare_data; on nodes that do not share the cache directory, local rank 0
+            # builds its copy.
             for is_builder in (trainer.global_rank == 0, trainer.local_rank == 0):
-                if is_builder and not ready():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    builder.write_cache(path)
+                if is_builder:
+                    self.build_cache()
                 trainer.strategy.barrier("lit_qlp data cache")
+        path = self.locate_cache()
         splits = hf_datasets.load_from_disk(str(path))
         self.train_set = SequenceDataset(splits["train"].with_format("numpy"))
         self.eval_set = SequenceDataset(splits["eval"].with_format("numpy"))
@@ -238,6 +272,8 @@ class TextDataModule(pl.LightningDataModule):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict) if state_dict else None
+        if self._resume is not None:
+            ignore_not_resumable_warning()
         # The loader may already exist (Lightning builds it early for estimated_stepping_batches); its sampler
         # reads the position lazily, when the epoch's iteration starts.
         self._apply_resume()

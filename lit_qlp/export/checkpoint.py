@@ -58,6 +58,7 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
     from deepspeed.pipe import TiedLayerSpec
 
     from lit_qlp.compat.deepspeed import layer_checkpoint_file
+    from lit_qlp.strategies.checkpointing import load_checkpoint_file
     from lit_qlp.strategies.stages import SingleProcessStages
 
     output_dir = Path(output_dir)
@@ -78,7 +79,7 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
             tied.add(layer_spec.key)
         layer = layer_spec.build()
         path = layer_checkpoint_file(step_dir, index)
-        state = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
+        state = load_checkpoint_file(path) if path.is_file() else {}
         trained = {n for n, p in layer.named_parameters() if p.requires_grad}
         absent = sorted(trained - set(state))
         if absent:

@@ -25,6 +25,7 @@ from lit_qlp.strategies import engine as pipeline_engine
 from lit_qlp.strategies.checkpointing import load_engine_checkpoint, save_engine_checkpoint
 from lit_qlp.strategies.environment import DeepSpeedLauncherEnvironment
 from lit_qlp.strategies.partition import check_partition_method, partition_layers
+from lit_qlp.strategies.retention import remove_checkpoint
 from lit_qlp.strategies.stages import all_gather_object, gather_from_stages
 
 
@@ -167,8 +168,19 @@ class EngineCheckpoints:
 
     @override
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Restores the engine from a checkpoint directory (``checkpointing.load_engine_checkpoint``); returns
+        Lightning's state. Every file is read with ``weights_only=True``, whatever ``weights_only`` says: lit-qlp's
+        checkpoints need nothing more, and Lightning 2.6 passes None here anyway (a strategy that restores after
+        setup gets no ``weights_only`` from ``Trainer._run``)."""
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         return load_engine_checkpoint(self.engine, Path(checkpoint_path), with_optimizer=fitting)
+
+    @override
+    def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
+        """Deletes a checkpoint directory (global rank 0), first re-pointing a ``last.ckpt`` that still points at
+        it (``retention.remove_checkpoint``)."""
+        if self.is_global_zero:
+            remove_checkpoint(Path(filepath))
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:

@@ -47,20 +47,31 @@ def test_evaluation_line():
     assert evaluation_line(2.4, 2.5) == "new evaluation loss: 2.4000 (last: 2.5000, Δ: -4.00%)"
 
 
-class FakeEngine:
-    """Writes a DeepSpeed-like checkpoint directory, or dies half-way when ``crash`` is set."""
+def FakeEngine(crash: bool = False):
+    """A DeepSpeed engine that only saves: a DeepSpeed-like checkpoint directory, written through its checkpoint
+    engine as DeepSpeed's own, or dies half-way when ``crash`` is set."""
+    from pathlib import Path
 
-    def __init__(self, crash: bool = False) -> None:
-        self.crash = crash
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
-    def save_checkpoint(self, directory, client_state, exclude_frozen_parameters):
-        from pathlib import Path
+    class SavingEngine(DeepSpeedEngine):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)  # none of DeepSpeed's set-up: this engine only saves
+            self.global_steps = 1
+            self.checkpoint_engine = TorchCheckpointEngine()
 
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / "layer_00-model_states.pt").write_text("weights")
-        if self.crash:
-            raise RuntimeError("killed during the save")
-        (Path(directory) / "latest").write_text("global_step1")
+        def save_checkpoint(
+            self, save_dir, tag=None, client_state=None, exclude_frozen_parameters=False, save_latest=True
+        ):
+            self.checkpoint_engine.makedirs(save_dir, exist_ok=True)
+            self.checkpoint_engine.save({"weight": torch.zeros(1)}, str(Path(save_dir) / "layer_00-model_states.pt"))
+            if crash:
+                raise RuntimeError("killed during the save")
+            if save_latest:
+                (Path(save_dir) / "latest").write_text(tag or f"global_step{self.global_steps}")
+
+    return SavingEngine()
 
 
 def test_checkpoints_are_written_then_published(tmp_path):

@@ -4,6 +4,7 @@ target is gone."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,73 @@ def test_is_pipe_replicated_reads_deepspeeds_marker(process_group, monkeypatch):
     monkeypatch.delattr(constants, "PIPE_REPLICATED")
     with pytest.raises(RuntimeError, match=OUTDATED):
         compat.is_pipe_replicated(params[0])
+
+
+def test_checkpoint_files_read_with_reads_every_file_load_checkpoint_reads(engine, tmp_path):
+    engine.save_checkpoint(str(tmp_path), tag="step", exclude_frozen_parameters=True)
+    original, read = engine.checkpoint_engine, []
+
+    def read_file(path, map_location):
+        read.append(Path(path).name)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    with compat.checkpoint_files_read_with(engine, read_file):
+        load_path, _ = engine.load_checkpoint(str(tmp_path), tag="step", load_module_strict=False)
+    assert load_path is not None
+    assert set(read) == {f.name for f in (tmp_path / "step").glob("*.pt")}
+    assert engine.checkpoint_engine is original
+
+    def refuse(path, map_location):
+        raise OSError(f"refused {path}")
+
+    with pytest.raises(OSError, match="refused"), compat.checkpoint_files_read_with(engine, refuse):
+        engine.load_checkpoint(str(tmp_path), tag="step", load_module_strict=False)
+    assert engine.checkpoint_engine is original  # restored on the error too
+    with pytest.raises(TypeError, match="DeepSpeedEngine"), compat.checkpoint_files_read_with(object(), refuse):
+        pass
+
+
+def test_checkpoint_files_read_with_needs_deepspeed_to_read_through_its_checkpoint_engine(engine, monkeypatch):
+    from deepspeed.runtime.state_dict_factory import SDLoaderBase
+
+    monkeypatch.setattr(SDLoaderBase, "load", lambda self, *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="SDLoaderBase.load calling checkpoint_engine"):
+        with compat.checkpoint_files_read_with(engine, torch.load):
+            pass
+    monkeypatch.undo()
+    monkeypatch.setattr(engine, "checkpoint_engine", None)
+    with pytest.raises(RuntimeError, match=OUTDATED), compat.checkpoint_files_read_with(engine, torch.load):
+        pass
+
+
+def test_checkpoint_write_failure_kept_lets_a_failed_save_finish(engine, tmp_path, monkeypatch):
+    """The first failed write is kept, the later ones skipped, and save_checkpoint returns (reaching its barriers)."""
+    original, attempted = engine.checkpoint_engine, []
+
+    def save(state_dict, path):
+        attempted.append(Path(path).name)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(original, "save", save)
+    with compat.checkpoint_write_failure_kept(engine) as kept:
+        assert engine.save_checkpoint(str(tmp_path), tag="step", exclude_frozen_parameters=True, save_latest=False)
+    assert isinstance(kept.error, OSError) and kept.error.errno == 28
+    assert attempted == ["layer_00-model_states.pt"] and kept.path.endswith(attempted[0])
+    assert engine.checkpoint_engine is original
+    monkeypatch.undo()
+    with compat.checkpoint_write_failure_kept(engine) as kept:  # a save that works writes every file
+        engine.save_checkpoint(str(tmp_path), tag="ok", exclude_frozen_parameters=True, save_latest=False)
+    assert kept.error is None and len(list((tmp_path / "ok").glob("*.pt"))) == 4
+    with pytest.raises(TypeError, match="DeepSpeedEngine"), compat.checkpoint_write_failure_kept(object()):
+        pass
+
+
+def test_checkpoint_write_failure_kept_needs_deepspeed_to_write_through_its_checkpoint_engine(engine, monkeypatch):
+    monkeypatch.setattr(PipelineModule, "save_state_dict", lambda self, *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="PipelineModule.save_state_dict calling save"):
+        with compat.checkpoint_write_failure_kept(engine):
+            pass
+    monkeypatch.undo()
+    monkeypatch.setattr(engine, "checkpoint_engine", None)
+    with pytest.raises(RuntimeError, match=OUTDATED), compat.checkpoint_write_failure_kept(engine):
+        pass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 from torch.utils.data import DistributedSampler
 
 from lit_qlp.data.text import ResumableSampler
@@ -73,3 +76,36 @@ def test_train_dataloader_resumes_in_the_resume_epoch(tmp_path, tiny_tok):
     assert batches(later, 0) == epochs[0]  # other epochs are whole
     dm.load_state_dict({})
     assert batches(dm.train_dataloader(), 1) == epochs[1]
+
+
+# ----------------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.usefixtures("clean_process_state")
+def test_mid_epoch_resume_has_no_not_resumable_warning(tiny_model, corpus, tmp_path, monkeypatch):
+    """A run stopped mid-epoch resumes at the next batch through the data module's state, so Lightning's warning
+    that the loader is "not resumable" (it checks only the loader) must not appear."""
+    from lit_qlp.cli import main
+    from tests.runs import ROOT, fit_args
+
+    monkeypatch.chdir(ROOT)
+    model_dir, root = tiny_model("llama"), tmp_path / "run"
+    # A checkpoint saved after a batch, as the periodic ones are (one saved at an epoch's end starts a new epoch).
+    common = ["--trainer.enable_progress_bar=false", "--checkpoint.every_n_train_steps=2"]
+    common += ["--checkpoint.save_on_epoch_end=false", "--data.evals_per_epoch=1", f"--data.cache_dir={tmp_path}/c"]
+    main(fit_args(model_dir, corpus, root, "--trainer.max_steps=2", *common))
+    assert (root / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=2.ckpt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(fit_args(model_dir, corpus, root, "--trainer.max_steps=3", "--ckpt_path=last", *common))
+    assert not [str(w.message) for w in caught if "not resumable" in str(w.message)]
+
+
+def test_the_silenced_warning_is_lightnings():
+    """The filter matches the text Lightning's epoch loop warns with (adjacent literals are one constant)."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from lit_qlp.data.text import NOT_RESUMABLE_WARNING
+
+    constants = _TrainingEpochLoop.reset.__code__.co_consts
+    assert any(isinstance(c, str) and c.startswith(NOT_RESUMABLE_WARNING) for c in constants)

@@ -173,3 +173,56 @@ def test_malformed_chat(tmp_path, chat, message):
     with pytest.raises(ValueError) as info:
         read_documents(DatasetSource(str(path)))
     assert f"{path}, line 1: " in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json"])
+def test_non_utf8_file_names_the_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    lines = {".txt": ["first", "caf\xe9"], ".jsonl": ['{"text": "a"}', '{"text": "caf\xe9"}']}
+    lines[".json"] = ['[{"text": "a"},', ' {"text": "caf\xe9"}]']
+    path.write_bytes("\n".join(lines[suffix]).encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    message = str(info.value)
+    assert f"{path}, line 2: not UTF-8 text (byte 0xe9" in message and "convert the file to UTF-8" in message
+
+
+@pytest.mark.parametrize("role", ["wizard", "bot", "Assistant", 1])
+def test_unknown_chat_role_names_the_file_line_and_roles(tmp_path, role):
+    good = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    path = write_jsonl(
+        tmp_path / "chat.jsonl", [{"messages": good}, {"messages": [good[0], {"role": role, "content": "w3"}]}]
+    )
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    message = str(info.value)
+    assert f"{path}, line 2: turn 1 has unknown role {role!r}" in message
+    assert "'system', 'user', 'assistant'" in message and "rename or remove the turn" in message
+
+
+def test_unknown_sharegpt_role_lists_the_roles(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": "wizard", "value": "w1"}]}])
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    assert f"{path}, line 1: turn 0 has unknown ShareGPT role 'wizard'" in str(info.value)
+    assert "'human', 'user', 'gpt', 'assistant', 'system'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, found",
+    [
+        (
+            {"data": [{"text": "a"}], "version": 1},
+            "an object with keys ['data', 'version']; its key 'data' holds a list",
+        ),
+        ({"name": "x"}, "an object with keys ['name']"),
+        ("just text", "a str"),
+    ],
+)
+def test_json_file_not_holding_a_list_of_records(tmp_path, content, found):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        read_documents(DatasetSource(str(path)))
+    message = str(info.value)
+    assert f"{path}: a .json dataset must hold a list of records" in message and found in message

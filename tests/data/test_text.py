@@ -41,6 +41,13 @@ def test_sequence_len_must_be_a_multiple_of_64(sequence_len, suggestion):
     assert suggestion > 0 and suggestion % 64 == 0
 
 
+@pytest.mark.parametrize("sequence_len", [0, -1, -64])
+def test_sequence_len_must_be_positive(sequence_len):
+    with pytest.raises(ValueError) as info:
+        TextDataModule(datasets=[DatasetSource("x.jsonl")], sequence_len=sequence_len)
+    assert f"data.sequence_len={sequence_len} must be positive" in str(info.value)
+
+
 def test_valid_arguments(tmp_path):
     data = tmp_path / "x.jsonl"
     data.write_text('{"text": "w1 w2"}\n')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,81 @@ def test_a_run_killed_mid_training_resumes_with_the_uninterrupted_losses(tiny_mo
     assert sorted(resumed) == sorted(reference)
     for step in reference:
         assert resumed[step] == reference[step], f"step {step}: resumed {resumed[step]} != {reference[step]}"
+
+
+def interrupted_run(args: list[str], step: int, signal_name: str = "SIGTERM", rank: int | None = None) -> str:
+    """Runs the CLI with ``signal_name`` sent after optimizer step ``step`` (on ``rank`` only, if given); checks that
+    it exited with 128 + the signal's number and returns what it printed."""
+    options = f"step: {step}, signal: {signal_name}" + ("" if rank is None else f", rank: {rank}")
+    sender = f"--trainer.callbacks+={{class_path: tests.recording.SignalAtStep, init_args: {{{options}}}}}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "lit_qlp", *args, sender]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 128 + getattr(signal, signal_name), result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def assert_same_losses_exactly(root: Path, reference: dict[int, float]) -> None:
+    losses = scalars(root, "train/loss")  # steps logged twice: the resumed run's values are read last
+    assert sorted(losses) == sorted(reference)
+    for step in reference:
+        assert losses[step] == reference[step], f"step {step}: resumed {losses[step]} != {reference[step]}"
+
+
+def test_sigterm_saves_its_step_and_the_resumed_run_gives_the_uninterrupted_losses(
+    tiny_model, corpus, reference_run, tmp_path
+):
+    """SIGTERM after step 5 (the last scheduled checkpoint is step 3's): the run saves step 5, writes no export and
+    exits with 143; --ckpt_path last then gives the reference's losses."""
+    args = fit_args(
+        tiny_model("llama"), corpus, tmp_path, "--trainer.max_steps=8", "--checkpoint.every_n_train_steps=3"
+    )
+    output = interrupted_run(args, 5)
+    checkpoints = tmp_path / "checkpoints"
+    saved = checkpoints / "epoch=0-step=5.ckpt"
+    assert f"SIGTERM received at step 5: saved {saved}; resume with --ckpt_path last" in output
+    assert (checkpoints / "last.ckpt").resolve() == saved and (saved / "latest").read_text() == "global_step5"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("step", "epoch"))]
+    run_cli([*args, "--ckpt_path=last"], ROOT)
+    assert_same_losses_exactly(tmp_path, scalars(reference_run, "train/loss"))
+    assert (tmp_path / "step8" / "adapter_model.safetensors").is_file()  # the resumed run exports
+
+
+def test_ctrl_c_saves_the_step_with_the_methods_post_step_update(tiny_model, corpus, tmp_path):
+    """Ctrl-C after step 2 with composite weight decay, which changes the weights after each optimizer step: the
+    checkpoint holds the decayed weights (exit status 130), so the resumed run repeats the uninterrupted losses."""
+
+    def args(root: Path) -> list[str]:
+        return fit_args(tiny_model("llama"), corpus, root, "--trainer.max_steps=4", "--model.method.weight_decay=1.0")
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli(args(straight), ROOT)
+    output = interrupted_run(args(stopped), 2, "SIGINT")
+    assert "SIGINT received at step 2: saved" in output
+    assert (stopped / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=2.ckpt"
+    run_cli([*args(stopped), "--ckpt_path=last"], ROOT)
+    assert_same_losses_exactly(stopped, scalars(straight, "train/loss"))
+
+
+def test_a_signal_after_the_last_step_lets_the_run_write_its_export(tiny_model, corpus, tmp_path):
+    """SIGTERM after the last step (max_steps): the epoch ends first, so the run writes its step4/ export, which a
+    resumed run, with nothing left to train, would not; then it saves and exits with 143."""
+    output = interrupted_run(fit_args(tiny_model("llama"), corpus, tmp_path, "--trainer.max_steps=4"), 4)
+    assert "SIGTERM received at step 4: saved" in output
+    assert (tmp_path / "step4" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=4.ckpt"
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_its_step(tiny_model, corpus, reference_run, tmp_path):
+    """SIGTERM to rank 1 only (``kill`` of one pid): both stages agree, save step 2 and stop; the resume (also two
+    processes) gives the one-process losses."""
+    args = fit_args(tiny_model("llama"), corpus, tmp_path, *TWO_STAGES)
+    output = interrupted_run(args, 2, rank=1)
+    assert "SIGTERM received at step 2: saved" in output
+    step_dir = tmp_path / "checkpoints" / "last.ckpt" / "global_step2"
+    assert {p.name for p in step_dir.glob("mp_rank_*")} == {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"}
+    run_cli([*args, "--ckpt_path=last"], ROOT)
+    assert_same_losses(tmp_path, scalars(reference_run, "train/loss"), 4)
 
 
 def test_raising_the_epoch_count_after_a_finished_run_continues_it(tiny_model, corpus, tmp_path):
