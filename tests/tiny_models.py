@@ -25,12 +25,17 @@ def _configs() -> dict:
     from transformers import (
         CohereConfig,
         Gemma2Config,
+        Gemma3TextConfig,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        OlmoeConfig,
         Phi3Config,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     return {
@@ -48,10 +53,31 @@ def _configs() -> dict:
         "phi3": Phi3Config(**COMMON),
         "cohere": CohereConfig(**COMMON, logit_scale=0.5, tie_word_embeddings=True),
         "mixtral": MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+        # Shared expert with its gate, every layer sparse (decoder_sparse_step 1).
+        "qwen2_moe": Qwen2MoeConfig(
+            **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24
+        ),
+        # q/k norms; one dense layer (mlp_only_layers) among the sparse ones.
+        "qwen3_moe": Qwen3MoeConfig(
+            **COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1]
+        ),
+        "olmoe": OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2),
+        # Attention sinks, alternating sliding/full layers, expert biases and its clamped gated activation.
+        "gpt_oss": GptOssConfig(
+            **{**COMMON, "intermediate_size": 16},
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        ),
+        # Local/global layers with their own rope bases, q/k norms, embedding scale, tied embeddings.
+        "gemma3": Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=8, sliding_window_pattern=2),
     }
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "cohere", "mixtral")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "cohere", *MOE_ARCHITECTURES)
 
 
 def make_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:

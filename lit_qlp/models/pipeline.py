@@ -10,6 +10,7 @@ from the checkpoint as it is built, so a process holds nothing but its own stage
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class ModelQuirks:
         tie_word_embeddings: The head shares the embedding matrix.
         logit_scale: Multiplier of the logits (Cohere), or None.
         final_logit_softcapping: ``cap * tanh(logits / cap)`` on the logits (Gemma 2), or None.
+        rotary_per_layer_type: The rotary embedding takes the layer's attention type (one set of frequencies per
+            type, as Gemma 3's local and global layers).
     """
 
     model_type: str
@@ -68,9 +71,11 @@ class ModelQuirks:
     tie_word_embeddings: bool
     logit_scale: float | None
     final_logit_softcapping: float | None
+    rotary_per_layer_type: bool = False
 
     @classmethod
-    def from_config(cls, config) -> ModelQuirks:
+    def from_config(cls, config, rotary_class: type | None = None) -> ModelQuirks:
+        """The quirks of ``config``'s architecture; ``rotary_class`` is its rotary-embedding module class."""
         n = config.num_hidden_layers
         layer_types = getattr(config, "layer_types", None)
         if not layer_types:
@@ -83,6 +88,8 @@ class ModelQuirks:
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             logit_scale=getattr(config, "logit_scale", None),
             final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+            rotary_per_layer_type=rotary_class is not None
+            and "layer_type" in inspect.signature(rotary_class.forward).parameters,
         )
 
 
@@ -122,12 +129,13 @@ class ModelSource:
         self.model_dir = Path(model_dir)
         self.dtype = _dtype(dtype)
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
-        self.quirks = ModelQuirks.from_config(self.config)
         if attn_implementation == "sdpa" and not supports_sdpa(causal_lm_class(self.config)):
             attn_implementation = "eager"
         set_attn_implementation(self.config, attn_implementation)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        rotary = getattr(self.skeleton.model, "rotary_emb", None)
+        self.quirks = ModelQuirks.from_config(self.config, type(rotary) if rotary is not None else None)
         self.reader = None
         if not random_weights:
             self.reader = CheckpointReader(self.model_dir, self.quirks.model_type, self.quirks.tie_word_embeddings)
@@ -349,6 +357,8 @@ class DecoderLayerPipe(nn.Module):
         self.positions = builder.positions
         self.layer = builder.decoder_layer(index)
         self.rotary_emb = builder.source.rotary_embedding(builder.device)
+        # One rotary embedding per attention type (Gemma 3: local and global layers have their own bases).
+        self.rotary_args = (self.attention_type,) if builder.source.quirks.rotary_per_layer_type else ()
         if adapter is not None:
             self.layer = adapter(self.layer, index, self.hf_prefix)
         self.passes_control_classes = isinstance(self.layer, TakesControlClasses)
@@ -374,7 +384,11 @@ class DecoderLayerPipe(nn.Module):
         mask = self.positions.get(
             positions, ("mask", self.attention_type, *like), lambda: self.attention_mask(hidden, positions)
         )
-        rotary = self.positions.get(positions, ("rotary", *like), lambda: self.rotary_emb(hidden, positions))
+        rotary = self.positions.get(
+            positions,
+            ("rotary", *self.rotary_args, *like),
+            lambda: self.rotary_emb(hidden, positions, *self.rotary_args),
+        )
         hidden_states = self.layer(
             hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **extra
         )
