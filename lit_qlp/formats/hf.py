@@ -148,8 +148,11 @@ class CheckpointReader:
         """Returns the module tensor ``name`` (a transformers 5.x parameter or buffer name) on the CPU.
 
         Fused expert tensors are assembled from per-expert checkpoint tensors when the checkpoint has the legacy
-        layout: ``gate_up_proj[e] = cat(gate_e, up_e)`` and ``down_proj[e] = down_e``.
+        layout: ``gate_up_proj[e] = cat(gate_e, up_e)`` and ``down_proj[e] = down_e``; MXFP4 expert tensors
+        (``<name>_blocks`` and ``<name>_scales``, as gpt-oss is published) are dequantised (``dequantize_mxfp4``).
         """
+        if name not in self.weight_map and f"{name}_blocks" in self.weight_map:
+            return dequantize_mxfp4(self._raw(f"{name}_blocks"), self._raw(f"{name}_scales"))
         try:
             keys, per_expert = self._sources(name)
         except KeyError:
@@ -160,6 +163,34 @@ class CheckpointReader:
         if name.endswith("gate_up_proj"):
             return torch.stack([torch.cat(tensors[i : i + 2], dim=0) for i in range(0, len(tensors), 2)])
         return torch.stack(tensors)
+
+
+def e2m1_values(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 16 values of a 4-bit e2m1 float by code: sign bit 3, exponent bits 2-1 (bias 1), mantissa bit 0;
+    exponent 0 is subnormal (0 or 0.5)."""
+    codes = torch.arange(16)
+    exponent, mantissa = (codes >> 1) & 3, (codes & 1).to(torch.float64)
+    magnitude = torch.where(exponent == 0, mantissa * 0.5, (1 + mantissa / 2) * 2.0 ** (exponent - 1))
+    return torch.where(codes >= 8, -magnitude, magnitude).to(dtype)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An MXFP4 expert tensor as the transformers 5.x module holds it.
+
+    Args:
+        blocks: uint8 ``[E, rows, G, 16]``: 32 e2m1 values per group, two per byte (low nibble first).
+        scales: uint8 ``[E, rows, G]``: each group's power-of-two scale, biased by 127.
+        dtype: Dtype of the result.
+
+    Returns:
+        ``[E, G * 32, rows]``: each expert's ``[rows, G * 32]`` matrix, transposed as gpt-oss's experts hold it.
+    """
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match")
+    values = e2m1_values(torch.float32)
+    pairs = torch.stack((values[(blocks & 0x0F).long()], values[(blocks >> 4).long()]), dim=-1)
+    groups = pairs.flatten(-2) * torch.exp2(scales.to(torch.float32) - 127).unsqueeze(-1)
+    return groups.flatten(-2).transpose(1, 2).to(dtype).contiguous()
 
 
 def plan_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -204,6 +235,8 @@ __all__ = [
     "CheckpointReader",
     "LegacyExperts",
     "copy_tokenizer_files",
+    "dequantize_mxfp4",
+    "e2m1_values",
     "plan_shards",
     "read_weight_map",
     "save_shard",
