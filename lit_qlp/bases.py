@@ -1,8 +1,8 @@
 """How the frozen base is held: the format of the decoder layers' frozen weights, one of the two choices of a run.
 
 ``CausalLMModule(base=None)`` keeps the base in the model's ``dtype``; ``base=BitsAndBytes4bit(...)`` stores the
-linear weights of every decoder layer in bitsandbytes 4-bit as each stage loads them (QLoRA). Every adapter method
-(LoRA, Control Adapters) trains on either; full fine-tuning needs the unquantised base. In YAML::
+linear weights and fused MoE experts of every decoder layer in bitsandbytes 4-bit as each stage loads them (QLoRA).
+Every adapter method (LoRA, Control Adapters) trains on either; full fine-tuning needs the unquantised base. In YAML::
 
     model:
       base:
@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lit_qlp.models.quantize import Quantization, check_bitsandbytes, import_bitsandbytes, quantize_linears
+from lit_qlp.models.quantize import Quantization, check_bitsandbytes, import_bitsandbytes, quantize_layer
 
 
 class BaseFormat(ABC):
@@ -38,9 +38,10 @@ class BaseFormat(ABC):
 
 
 class BitsAndBytes4bit(BaseFormat):
-    """The decoder layers' linear weights frozen in bitsandbytes 4-bit (QLoRA), quantised as each stage loads them,
-    never more than one layer unquantised; embeddings, norms and the LM head stay in ``dtype``. Each matmul
-    dequantises to the model's ``dtype``.
+    """The decoder layers' linear weights and fused MoE experts frozen in bitsandbytes 4-bit (QLoRA), quantised as
+    each stage loads them, never more than one layer unquantised; embeddings, norms, MoE routers, biases and the LM
+    head stay in ``dtype``. Each matmul dequantises to the model's ``dtype``; the experts of a layer are dequantised
+    together, once per forward, for transformers' grouped expert matmul (``lit_qlp.models.experts4bit``).
 
     Args:
         quant_type: The 4-bit format: "nf4" (normal-float, the QLoRA default) or "fp4".
@@ -64,7 +65,7 @@ class BitsAndBytes4bit(BaseFormat):
         return Quantization(self.quant_type, self.double_quant, compute_dtype, self.blocksize)
 
     def convert(self, layer: nn.Module, compute_dtype: torch.dtype) -> None:
-        quantize_linears(layer, self.quantization(compute_dtype))
+        quantize_layer(layer, self.quantization(compute_dtype))
 
     def check_device(self, device: torch.device) -> None:
         check_bitsandbytes(device)

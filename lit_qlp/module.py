@@ -129,12 +129,15 @@ class CausalLMModule(pl.LightningModule):
         self._eval_tokens = 0
 
     # ----------------------------------------------------------------- model
-    def pipeline_spec(self, device: torch.device) -> PipelineSpec:
-        """The pipeline layers of this model on ``device``: embedding, decoder layers (with the method's adapters),
-        norm + head."""
+    def pipeline_spec(self, device: torch.device, pipeline_stages: int | None = None) -> PipelineSpec:
+        """The pipeline layers of this model on ``device``, to be spread over ``pipeline_stages`` stages (None: any
+        number; see ``models.layout.pipeline_spec``): embedding, decoder layers (with the method's adapters), norm +
+        head."""
         builder = StageBuilder(self.source, torch.device(device), self.base, self.trainable)
         adapter = self.method.layer_adapter(self.source, seed=torch.initial_seed())
-        return pipeline_spec(builder, self.loss_fn, adapter, self.embeddings_on_cpu, self.compile_layers)
+        return pipeline_spec(
+            builder, self.loss_fn, adapter, self.embeddings_on_cpu, self.compile_layers, pipeline_stages
+        )
 
     @override
     def configure_optimizers(self):

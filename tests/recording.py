@@ -39,6 +39,19 @@ class RecordTiedWeights(pl.Callback):
         torch.save(weight.detach().cpu(), Path(trainer.default_root_dir) / f"tied.rank{trainer.global_rank}.pt")
 
 
+class RecordStageParameters(pl.Callback):
+    """At the start of training, writes this rank's parameter count, the bytes of the distinct tensors holding them
+    (two parameters sharing one tensor count once) and the keys of the stage's DeepSpeed tied modules to
+    ``<default_root_dir>/parameters.rank{R}.json``."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        parameters = list(pl_module.pipe.parameters())
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in parameters}
+        record = {"parameters": sum(p.numel() for p in parameters), "bytes": sum(storages.values())}
+        record["tied_modules"] = sorted(pl_module.pipe.tied_modules)
+        (Path(trainer.default_root_dir) / f"parameters.rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 class KillAtStep(pl.Callback):
     """Kills its own process with SIGKILL when the given optimizer step is about to run (a crash, not an exit)."""
 

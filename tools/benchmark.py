@@ -87,6 +87,23 @@ SHAPES = {
         num_attention_heads=64,
         tie_word_embeddings=False,
     ),
+    # Qwen3-30B-A3B: 48 MoE layers of 128 experts (8 active), 30.5 B parameters, 3.3 B active per token.
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,
@@ -101,18 +118,19 @@ SHAPES = {
 
 
 def build_model(shape: str, model_dir: Path, device: str, config_only: bool = False) -> None:
-    """Saves a random-weight Llama of ``shape`` in bf16 safetensors to ``model_dir`` (skipped if present), or
-    only its ``config.json`` with ``config_only``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Saves a random-weight model of ``shape`` (a Llama unless the shape names its ``model_type``) in bf16
+    safetensors to ``model_dir`` (skipped if present), or only its ``config.json`` with ``config_only``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (model_dir / "config.json").is_file():
         return
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    options = dict(SHAPES[shape])
+    config = AutoConfig.for_model(options.pop("model_type", "llama"), **options, bos_token_id=1, eos_token_id=2)
     if config_only:
         config.save_pretrained(model_dir)
         return
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(model_dir)
     del model
     if device != "cpu":
@@ -120,13 +138,18 @@ def build_model(shape: str, model_dir: Path, device: str, config_only: bool = Fa
 
 
 def linear_parameters(model_dir: Path) -> int:
-    """Number of weights in the linear layers (decoder projections and the LM head), from the config alone."""
+    """Number of weights each token is multiplied by in the linear layers (decoder projections, the LM head and,
+    for MoE models, the active share ``top_k / E`` of the fused expert tensors), from the config alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    active = getattr(config, "num_experts_per_tok", None)
+    fused = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n)
+    return dense + (fused * active // experts if experts and active else 0)
 
 
 def matmul_flops(device: str) -> float:
@@ -257,6 +280,8 @@ LIT_MODES = {
     "lit-lora-compile-embcpu": dict(training="lora", **FAST, compile_layers=True, embeddings_on_cpu=True),
     "lit-qlora-compile-embcpu": dict(training="qlora", **FAST, compile_layers=True, embeddings_on_cpu=True),
     "lit-lora-compile-offload": dict(training="lora", **FAST, compile_layers=True, activation_offload=True),
+    # MoE: LoRA on the attention projections only (the experts frozen in 4-bit).
+    "lit-qlora-attn": dict(training="qlora", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 """Each lit mode: ``training`` (lora: LoRA on a bf16 base; qlora: LoRA on an nf4 double-quant base; full), the
 LoRA's ``compute_in_weight_dtype``, the strategy's activation options and the module's other options."""
@@ -270,7 +295,7 @@ def lit_module_options(options: dict, rank: int) -> tuple[dict, dict]:
     options = dict(options)
     training = options.pop("training")
     strategy = {k: options.pop(k) for k in ("activation_checkpointing", "activation_offload") if k in options}
-    lora = {k: options.pop(k) for k in ("compute_in_weight_dtype",) if k in options}
+    lora = {k: options.pop(k) for k in ("compute_in_weight_dtype", "target_modules") if k in options}
     if training == "full":
         options["method"] = FullFineTuning()
     else:

@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_qlp.adapters.experts import ParametrizationCache, add_expert_lora, expert_loras, fused_expert_tensors
 from lit_qlp.adapters.targeting import ALL_LINEAR, linear_names, match_targets
 from lit_qlp.formats.peft import (
+    BASE_LAYER,
+    FUSED_EXPERT_ORDER,
     PEFT_PREFIX,
     lora_scaling,
 )
@@ -103,7 +106,8 @@ def update_norm(lora: LoraLinear) -> float:
 
 
 class LoraAdapter:
-    """Adds ``LoraLinear`` to the targeted linear layers of the selected decoder layers.
+    """Adds ``LoraLinear`` to the targeted linear layers of the selected decoder layers, and ``ExpertLora``
+    (``lit_qlp.adapters.experts``) to their targeted fused expert tensors.
 
     Called as ``adapter(layer, layer_index, prefix)`` by each decoder pipeline layer as it is built; returns the
     layer (modified in place).
@@ -118,6 +122,9 @@ class LoraAdapter:
         seed: Base seed of the per-layer initialisation RNG.
         compute_in_input_dtype: See ``LoraLinear``.
         use_rslora: See ``LoraLinear``.
+        target_parameters: Fused expert tensors that get LoRA (``experts.gate_up_proj``; a name selects a tensor of
+            that qualified name or ending in ``.name``). They take no dropout; PEFT's key nesting follows
+            ``FUSED_EXPERT_ORDER``.
     """
 
     def __init__(
@@ -131,7 +138,9 @@ class LoraAdapter:
         seed: int,
         compute_in_input_dtype: bool = False,
         use_rslora: bool = False,
+        target_parameters: Sequence[str] = (),
     ) -> None:
+        self.target_parameters = list(target_parameters)
         self.compute_in_input_dtype = compute_in_input_dtype
         self.use_rslora = use_rslora
         self.rank = rank
@@ -160,11 +169,48 @@ class LoraAdapter:
                 use_rslora=self.use_rslora,
             )
             setattr(parent, child, lora)
+        if self.target_parameters:
+            self.add_expert_loras(layer, generator)
         return layer
+
+    def add_expert_loras(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """Registers ``ExpertLora`` on the targeted fused expert tensors of ``layer`` (after any parametrization the
+        base format put there), and holds ``parametrize.cached()`` open around each adapted experts module's
+        forward so that its parametrized tensors are evaluated once per forward."""
+        tensors = fused_expert_tensors(layer)
+        chosen = match_targets(tensors, self.target_parameters)
+        by_module: dict[str, list[str]] = {}
+        for name in chosen:
+            module_name, _, tensor_name = name.rpartition(".")
+            by_module.setdefault(module_name, []).append(tensor_name)
+        for module_name, names in by_module.items():
+            unknown = sorted(set(names) - set(FUSED_EXPERT_ORDER))
+            if unknown:
+                raise ValueError(
+                    f"{module_name}.{unknown[0]} is not a fused expert tensor that PEFT's format is known for here "
+                    f"({', '.join(FUSED_EXPERT_ORDER)}); remove it from model.method.target_modules"
+                )
+            names.sort(key=FUSED_EXPERT_ORDER.index)
+            module = layer.get_submodule(module_name)
+            for position, tensor_name in enumerate(names):
+                add_expert_lora(
+                    module,
+                    tensor_name,
+                    tensors[f"{module_name}.{tensor_name}"],
+                    self.rank,
+                    self.alpha,
+                    self.dtype,
+                    generator,
+                    use_rslora=self.use_rslora,
+                    peft_nesting=len(names) - 1 - position,
+                )
+            ParametrizationCache().attach(module)
 
 
 def lora_tensors(layers: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
-    """The LoRA weights of pipeline layers under PEFT's keys (``base_model.model.<hf name>.lora_A.weight``).
+    """The LoRA weights of pipeline layers under PEFT's keys (``base_model.model.<hf name>.lora_A.weight``; a fused
+    expert tensor's pair under its experts module, nested as PEFT nests them: ``...experts.base_layer.lora_A.weight``
+    for ``gate_up_proj`` when ``down_proj`` is targeted too).
 
     Each layer must have an ``hf_prefix`` (its name in the HF model) and hold its HF module as one child.
     """
@@ -176,6 +222,11 @@ def lora_tensors(layers: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
                 for part in ("lora_A", "lora_B"):
                     weight = getattr(module, part).weight
                     out[f"{PEFT_PREFIX}{hf_name}.{part}.weight"] = weight.detach().to("cpu", copy=True).contiguous()
+        for module_name, _, lora in expert_loras(layer):
+            hf_name = layer.hf_prefix + "." + module_name.split(".", 1)[1] + "." + BASE_LAYER * lora.peft_nesting
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(lora, part)
+                out[f"{PEFT_PREFIX}{hf_name}{part}.weight"] = weight.detach().to("cpu", copy=True).contiguous()
     return out
 
 

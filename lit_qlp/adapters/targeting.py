@@ -65,14 +65,42 @@ def match_targets(names: Iterable[str], target_modules: str | Sequence[str]) -> 
     return [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
 
 
-def check_targets(names: Sequence[str], target_modules: str | Sequence[str], where: str) -> None:
-    """Raises ValueError naming each ``target_modules`` entry that selects none of ``names``."""
+def match_expert_targets(names: Iterable[str], target_modules: str | Sequence[str]) -> list[str]:
+    """The qualified fused expert tensor names (``mlp.experts.gate_up_proj``) that ``target_modules`` selects.
+
+    ``"all-linear"`` selects every one (the experts are linear maps; under transformers 4.x they were
+    ``nn.Linear`` modules that "all-linear" covered). Otherwise only entries that name the tensor together with its
+    module select it, by the rule of ``match_targets``: ``"experts.gate_up_proj"`` or ``"mlp.experts.down_proj"``
+    do, a bare ``"down_proj"`` does not (it stays a linear-layer name, as in PEFT's ``target_modules``).
+    """
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    unmatched = [t for t in target_modules if not match_targets(names, [t])]
+    if ALL_LINEAR in target_modules:
+        return list(names)
+    return match_targets(names, [t for t in target_modules if "." in t])
+
+
+def expert_target_name(name: str) -> str:
+    """The ``target_modules`` / PEFT ``target_parameters`` name of a fused expert tensor: its module's leaf name and
+    its own (``mlp.experts.gate_up_proj`` -> ``experts.gate_up_proj``)."""
+    return ".".join(name.split(".")[-2:])
+
+
+def check_targets(
+    names: Sequence[str], target_modules: str | Sequence[str], where: str, expert_names: Sequence[str] = ()
+) -> None:
+    """Raises ValueError naming each ``target_modules`` entry that selects none of ``names`` (linear layers) nor
+    of ``expert_names`` (fused expert tensors, see ``match_expert_targets``)."""
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    unmatched = [
+        t for t in target_modules if not match_targets(names, [t]) and not match_expert_targets(expert_names, [t])
+    ]
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        experts = sorted({expert_target_name(n) for n in expert_names})
+        also = f" and its fused expert tensors are {experts}" if experts else ""
         raise ValueError(
             f"model.method.target_modules entries {unmatched} match no linear layer of {where}; "
-            f"its linear layers are {leaves} (or use 'all-linear')"
+            f"its linear layers are {leaves}{also} (or use 'all-linear')"
         )

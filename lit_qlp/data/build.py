@@ -25,7 +25,7 @@ from lit_qlp.data.tokenize import DocumentEncoder, TokenSpec, resolve_mask_token
 from lit_qlp.formats.hf import TOKENIZER_FILES
 from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 
-CACHE_FORMAT = "lit-qlp-data-1"
+CACHE_FORMAT = "lit-qlp-data-2"  # 2: chats keep their template BOS between documents and are kept whole
 COLUMNS = ("input_ids", "labels", "control_classes")
 SUMMARY_FILE = "summary.json"
 BUILD_INPUTS = ("datasets", "tokenizer_dir")  # what a build reads; every other field is an option
@@ -66,6 +66,31 @@ def document_classes(documents: list, control_class: int) -> list[int]:
     return [1 if hashlib.blake2b(d.ids.tobytes(), digest_size=8).digest()[0] & 1 else -1 for d in documents]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The token id that fills the room whole chats leave in a sequence: the tokenizer's pad token, else its EOS,
+    else 0. Padding has no label and follows every real token of its sequence, so no real token attends to it."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+CHAT_COUNTS = (
+    "chats",
+    "truncated_chats",
+    "answers",
+    "answers_without_prompt",
+    "answers_without_prompt_as_text",
+    "padding_tokens",
+    "packed_sequences",
+)
+
+
+def chat_counts(packed: Packed) -> dict[str, int]:
+    """What packing did to chats (``Packed``'s counts of the same names), for the summary."""
+    return {name: int(getattr(packed, name)) for name in CHAT_COUNTS}
+
+
 def sha256_file(path: Path) -> str:
     """The SHA-256 of a file's contents, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -92,6 +117,7 @@ class SequenceBuilder:
     eval_fraction: float
     max_sequences: int | None
     drop_tails: bool
+    chat_packing: Literal["whole", "as_text"]
     mix_datasets: bool
     sequence_prefix: TokenSpec
     document_prefix: TokenSpec
@@ -174,11 +200,18 @@ class SequenceBuilder:
             groups = [([d for d, _ in pairs], [c for _, c in pairs])]
         else:
             groups = per_dataset
-        packed_groups = [pack(docs, classes, self.sequence_len, prefix, self.drop_tails) for docs, classes in groups]
+        whole_chats = self.chat_packing == "whole"
+        pad_id = pad_token_id(tokenizer)
+        packed_groups = [
+            pack(docs, classes, self.sequence_len, prefix, self.drop_tails, whole_chats, pad_id)
+            for docs, classes in groups
+        ]
         if not self.mix_datasets:
             for stat, packed in zip(stats, packed_groups):
                 stat["sequences"] = len(packed.input_ids)
                 stat["dropped_tokens"] += packed.dropped_tokens
+                if packed.chats:
+                    stat |= chat_counts(packed)
         packed = Packed.concatenate(packed_groups, self.sequence_len)
         if len(packed.input_ids) == 0:
             raise ValueError(
@@ -213,6 +246,8 @@ class SequenceBuilder:
             "eval_sequences": len(evaluation.input_ids),
             "masked_label_fraction": float((train.labels == IGNORE_INDEX).mean()) if len(train.labels) else 0.0,
             "packing_dropped_tokens": int(train.dropped_tokens),
+            "chat_packing": self.chat_packing,
+            **chat_counts(train),  # counted over every packed sequence, before the split
         }
         # Write next to the final place, then rename: a crash never leaves a half-written cache behind.
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -240,7 +275,31 @@ def describe(summary: dict[str, Any], cache_path: Path, sequence_len: int) -> st
         f"  {summary['train_sequences']} training and {summary['eval_sequences']} evaluation sequences of "
         f"{sequence_len} tokens; {summary['masked_label_fraction']:.1%} of training labels masked"
     )
+    if summary.get("chats"):
+        tokens = summary["packed_sequences"] * sequence_len
+        lines.append("  " + describe_chats(summary, summary["padding_tokens"] / max(1, tokens)))
     return "\n".join(lines)
+
+
+def describe_chats(summary: dict[str, Any], padding_fraction: float) -> str:
+    """The report's line on chats: how they were packed (``padding_fraction``: the share of the packed sequences'
+    tokens that is padding) and how many answers lost (or would have lost) their prompt to a sequence boundary."""
+    s = summary
+    answers = f"{s['answers']} answers"
+    if s["chat_packing"] == "whole":
+        longer = (
+            f", {s['truncated_chats']} longer than a sequence cut to its first tokens" if s["truncated_chats"] else ""
+        )
+        return (
+            f"{s['chats']} chats, each whole in one sequence{longer}; {s['padding_tokens']} padding tokens "
+            f"({padding_fraction:.1%} of the sequences); packed "
+            f"like text (data.chat_packing=as_text) {s['answers_without_prompt_as_text']} of the {answers} would have "
+            "trained without their prompt"
+        )
+    return (
+        f"{s['chats']} chats packed like text: {s['answers_without_prompt']} of the {answers} train in a sequence "
+        "without their prompt (data.chat_packing=whole keeps each chat in one sequence)"
+    )
 
 
 __all__ = ["CACHE_FORMAT", "COLUMNS", "SUMMARY_FILE", "SequenceBuilder", "describe", "document_classes"]

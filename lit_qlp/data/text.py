@@ -75,9 +75,13 @@ class ResumableSampler(DistributedSampler):
 class TextDataModule(pl.LightningDataModule):
     """Turns text, records and chats into token sequences, cached on disk; one batch is one optimizer step.
 
-    Per dataset: documents are read, shuffled (seeded), tokenised and capped at ``max_tokens``. Then documents are
-    concatenated and cut into ``sequence_len`` sequences, each opening with ``sequence_prefix``; per dataset unless
-    ``mix_datasets``. Sequences are shuffled, capped at ``max_sequences`` and split into train and evaluation.
+    Per dataset: documents are read, shuffled (seeded), tokenised and capped at ``max_tokens``. Then text documents
+    are concatenated and cut into ``sequence_len`` sequences, each opening with ``sequence_prefix``, and chats are
+    put whole into sequences (``chat_packing``); per dataset unless ``mix_datasets``. Each chat is its template's
+    rendering token for token, the text the model sees when served (``apply_chat_template(...,
+    add_generation_prompt=True)`` and the answer): a leading BOS of the template, or any document that starts with
+    the ``sequence_prefix`` tokens, leaves them out only where it opens a sequence, since the prefix puts them back
+    there. Sequences are shuffled, capped at ``max_sequences`` and split into train and evaluation.
     Each batch holds ``gradient_accumulation_steps`` sequences (from the PipelineStrategy), sharded by
     data-parallel replica only, so all pipeline stages of a replica see the same batch; the remainder that would
     leave a global batch incomplete is dropped. Resuming continues at the exact next batch, mid-epoch included.
@@ -96,7 +100,15 @@ class TextDataModule(pl.LightningDataModule):
         eval_gradient_accumulation_steps: Sequences per evaluation batch; default: ``gradient_accumulation_steps``.
         max_sequences: Keep at most this many sequences (train and evaluation together).
         drop_tails: Drop a document's tail that does not fit into a sequence, so every sequence starts with a fresh
-            document.
+            document (text documents, and chats packed ``as_text``).
+        chat_packing: How chat records are packed. "whole" (the default): never cut; each chat goes whole into one
+            sequence, best fit (the open sequence with the least room that holds it, else a new one), and the room
+            left is padding (the tokenizer's pad token, else EOS; no labels); a chat longer than a sequence gets one
+            of its own and keeps its first ``sequence_len - len(sequence_prefix)`` tokens (its prompt and what fits of
+            its answers; the rest is dropped and counted). "as_text": like text documents, concatenated across
+            sequence boundaries (or cut by ``drop_tails``): no padding, but the part of a chat that lands in the next
+            sequence trains without its prompt. The data report gives both counts: how many answers packing as
+            text would have trained without their prompt, and the padding that keeping chats whole costs.
         mix_datasets: Let one sequence hold documents of several datasets.
         sequence_prefix: Tokens opening every sequence (no labels): None: BOS if the tokenizer has one; "": none;
             a string: its tokens; a token id or a list of ids.
@@ -108,8 +120,8 @@ class TextDataModule(pl.LightningDataModule):
             an id or a list of ids.
         chat_labels: For chat records ("messages" or ShareGPT "conversations", rendered with the tokenizer's chat
             template): "assistant" trains only assistant turns and their end-of-turn tokens; "all" every token.
-        add_prefix_space: Put a space before each text document (and chat) before tokenising, for BPE tokenizers
-            that tokenise a leading word differently.
+        add_prefix_space: Put a space before each text document before tokenising, for BPE tokenizers that tokenise
+            a leading word differently; chats are tokenised exactly as their template renders them.
         trust_remote_code: Allow custom tokenizer code from ``tokenizer_dir``.
         split_class_zero: Give each document of a class-0 dataset class +1 or -1 from a hash of its tokens (about
             half each), as Control Adapters train; set by the CLI from ``model.method`` (true for ControlAdapters).
@@ -129,6 +141,7 @@ class TextDataModule(pl.LightningDataModule):
         eval_gradient_accumulation_steps: int | None = None,
         max_sequences: int | None = None,
         drop_tails: bool = False,
+        chat_packing: Literal["whole", "as_text"] = "whole",
         mix_datasets: bool = False,
         sequence_prefix: TokenSpec = None,
         document_prefix: TokenSpec = None,
@@ -155,6 +168,7 @@ class TextDataModule(pl.LightningDataModule):
         self.eval_gradient_accumulation_steps = eval_gradient_accumulation_steps
         self.max_sequences = max_sequences
         self.drop_tails = drop_tails
+        self.chat_packing = chat_packing
         self.mix_datasets = mix_datasets
         self.sequence_prefix = sequence_prefix
         self.document_prefix = document_prefix

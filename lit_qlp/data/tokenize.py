@@ -14,10 +14,12 @@ TokenSpec = str | int | list[int] | None
 
 @dataclass(frozen=True)
 class Encoded:
-    """One tokenised document: ``ids`` and ``trained`` (whether each token carries a label)."""
+    """One tokenised document: ``ids``, ``trained`` (whether each token carries a label) and whether it is a chat
+    (rendered with the chat template, kept whole by the default packing)."""
 
     ids: np.ndarray
     trained: np.ndarray
+    chat: bool = False
 
 
 def _ids(value: int | Sequence[int]) -> list[int]:
@@ -57,7 +59,8 @@ class DocumentEncoder:
         mask_ids: Token ids that carry no label.
         chat_labels: "assistant": in chats only assistant turns (with their end-of-turn tokens) carry labels;
             "all": every token does.
-        add_prefix_space: Put a space before each document's text (unless it starts with one).
+        add_prefix_space: Put a space before each text document (unless it starts with one); chats are tokenised
+            exactly as the template renders them.
     """
 
     tokenizer: object
@@ -82,11 +85,11 @@ class DocumentEncoder:
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _wrap_text(self, text: str) -> str:
+    def _wrap_text(self, text: str, chat: bool = False) -> str:
         prefix = self.document_prefix if isinstance(self.document_prefix, str) else ""
         suffix = self.document_suffix if isinstance(self.document_suffix, str) else ""
         text = prefix + text + suffix
-        return " " + text if self.add_prefix_space and not text.startswith(" ") else text
+        return " " + text if self.add_prefix_space and not chat and not text.startswith(" ") else text
 
     def _finish(self, ids: list[int], trained: list[bool], chat: bool = False) -> Encoded:
         if self.document_prefix is not None and not isinstance(self.document_prefix, str):
@@ -105,14 +108,16 @@ class DocumentEncoder:
         trained_array = np.asarray(trained, dtype=bool)
         if self.mask_ids:
             trained_array &= ~np.isin(ids_array, list(self.mask_ids))
-        return Encoded(ids_array, trained_array)
+        return Encoded(ids_array, trained_array, chat)
 
     def _encode_chat(self, messages: list[dict[str, str]]) -> Encoded:
         """Renders the chat with the tokenizer's template; labels on assistant turns and their end-of-turn tokens.
 
         Each assistant turn's text is found by rendering the conversation up to the turn (with the generation
         prompt) and up to its end: the template must render earlier turns identically in both, which chat
-        templates do.
+        templates do. The rendering is kept whole, the template's own leading BOS included: the packer drops that
+        token only where the sequence prefix puts it back (a chat opening a sequence), so every chat reads as the
+        model sees it when served.
         """
         tok = self.tokenizer
         render = tok.apply_chat_template
@@ -130,13 +135,9 @@ class DocumentEncoder:
                         "are added, so assistant turns cannot be located; use chat_labels='all'"
                     )
                 spans.append((len(before), len(through)))
-        # A BOS the template opens with is dropped: sequences get their own prefix.
-        bos = tok.bos_token
-        cut = len(bos) if bos and text.startswith(bos) else 0
-        text = text[cut:]
-        wrapped = self._wrap_text(text)
+        wrapped = self._wrap_text(text, chat=True)
         shift = len(wrapped) - len(text) - (len(self.document_suffix) if isinstance(self.document_suffix, str) else 0)
-        spans = [(start - cut + shift, end - cut + shift) for start, end in spans]
+        spans = [(start + shift, end + shift) for start, end in spans]
         text = wrapped
         encoding = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]

@@ -47,7 +47,9 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
     The module is rebuilt from the run's ``config.yaml`` (its ``model`` section) and its pipeline layers built in
     one process: on the meta device for adapters (only the trained tensors are read, from the checkpoint), on the
     CPU for full fine-tuning (frozen weights from the base model, trained ones from the checkpoint). The result is
-    written by the same code as the epoch export, so the two are identical.
+    written by the same code as the epoch export, so the two are identical. One process holds the one-stage layout,
+    whatever the run's stage count: its layers have the same indices, and so the same checkpoint files (a tied head
+    spread over stages is the last layer, which has no file of its own).
 
     Args:
         checkpoint_dir: A checkpoint directory of the run (``<root>/checkpoints/last.ckpt`` or another).
@@ -55,7 +57,6 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
         output_dir: New directory for the export (must not exist or be empty).
     """
     import yaml
-    from deepspeed.pipe import TiedLayerSpec
 
     from lit_qlp.compat.deepspeed import layer_checkpoint_file
     from lit_qlp.strategies.checkpointing import load_checkpoint_file
@@ -70,13 +71,9 @@ def convert_ds_checkpoint(checkpoint_dir: Path, config_path: Path, output_dir: P
     step_dir = checkpoint_step_dir(checkpoint_dir)
     module = module_from_config(config["model"], config_path)
     device = torch.device("cpu" if module.method.export_reads_base_weights else "meta")
-    spec = module.pipeline_spec(device)
-    layers, tied = [], set()
+    spec = module.pipeline_spec(device, pipeline_stages=1)
+    layers = []
     for index, layer_spec in enumerate(spec.layers):
-        if isinstance(layer_spec, TiedLayerSpec):
-            if layer_spec.key in tied:
-                continue  # the tied head: the same module as the embedding, saved with it
-            tied.add(layer_spec.key)
         layer = layer_spec.build()
         path = layer_checkpoint_file(step_dir, index)
         state = load_checkpoint_file(path) if path.is_file() else {}

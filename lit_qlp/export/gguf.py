@@ -13,6 +13,11 @@ what its loader checks (``llama_adapter_lora_init_impl`` in ``src/llama-adapter.
   are stacked on a new first axis, as the converter stacks the expert weights: lora_a [E, r, in], lora_b
   [E, out, r], named after the merged tensor (``blk.N.ffn_gate_exps.weight.lora_a``). Every expert of a
   projection must have a pair of the same rank.
+- Fused expert pairs (PEFT's ``target_parameters`` on transformers 5.x's ``mlp.experts.gate_up_proj`` and
+  ``down_proj``) are split into the per-expert pairs of the checkpoint's own layout (``lit_qlp.formats.hf.
+  LEGACY_EXPERTS``: ``gate_up_proj`` = cat(gate, up) gives expert ``e`` the pairs ``(A_e, B_e[:I])`` and
+  ``(A_e, B_e[I:])``, exactly, since ``B A`` splits by rows) and then stacked like them. Families without such a
+  row (gpt-oss: transposed, interleaved gate/up, and not an architecture here) are refused with the alternative.
 - Where the converter reorders the rows of ``q_proj``/``k_proj`` for llama.cpp's rope (``LlamaModel.permute``:
   the llama, mistral and mixtral configs), lora_b of those projections gets the same row order; lora_a is
   unchanged, since ``P (B A) = (P B) A``.
@@ -37,7 +42,8 @@ import gguf
 import numpy as np
 import torch
 
-from lit_qlp.formats.peft import ADAPTER_WEIGHTS, LoraAdapterFile, read_lora_adapter
+from lit_qlp.formats.hf import LEGACY_EXPERTS
+from lit_qlp.formats.peft import ADAPTER_WEIGHTS, LoraAdapterFile, expert_factors, read_lora_adapter
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
 # Per-expert LoRA modules: <stem>.experts.<index>.<projection>, e.g. model.layers.0.mlp.experts.3.gate_proj.
@@ -156,6 +162,7 @@ def _llama_cpp_alpha(adapter: LoraAdapterFile) -> float:
     """The one ``adapter.lora.alpha`` that reproduces every pair's PEFT scale: llama.cpp scales by alpha / r, r
     read from lora_b, so alpha = scale · r (``alpha · sqrt(r)`` for rsLoRA)."""
     alphas = {scale * adapter.pairs[module][1].shape[-1] for module, scale in adapter.scales.items()}
+    alphas |= {scale * adapter.config["r"] for scale in adapter.expert_scales.values()}  # each expert has rank r
     if max(alphas) - min(alphas) > 1e-6 * max(abs(a) for a in alphas):
         raise ValueError(
             f"{adapter.directory}: the pairs' scales need alphas {sorted(alphas)}, but a llama.cpp adapter has one "
@@ -209,6 +216,41 @@ def _stack_experts(
     return merged
 
 
+def _split_fused_experts(
+    adapter: LoraAdapterFile, model_type: str | None, weights_path: Path
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The fused expert pairs of a ``target_parameters`` adapter as per-expert pairs named in the checkpoint's
+    legacy layout (``model.layers.0.block_sparse_moe.experts.3.w1``), which ``_stack_experts`` then stacks.
+
+    Raises:
+        ValueError: the architecture has no legacy expert layout (``LEGACY_EXPERTS``), so no llama.cpp tensor names.
+    """
+    if not adapter.expert_pairs:
+        return {}
+    legacy = LEGACY_EXPERTS.get(model_type or "")
+    if legacy is None:
+        raise ValueError(
+            f"{weights_path}: LoRA on the fused expert tensors ({next(iter(adapter.expert_pairs))}, ...) of a "
+            f"{model_type!r} model is not written here (its expert layout has no llama.cpp LoRA mapping in this "
+            "exporter); merge the adapter into the base model (tools/merge_lora.py) and convert the merged model "
+            "with llama.cpp's convert_hf_to_gguf.py"
+        )
+    rank = adapter.config["r"]
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, (a, b) in adapter.expert_pairs.items():
+        stem = (name.rsplit(".experts.", 1)[0] + ".").replace(legacy.fused_block, legacy.block)[:-1]
+        a_e, b_e = expert_factors(a.float(), b.float(), a.shape[0] // rank)
+        if name.endswith("gate_up_proj"):
+            rows = b_e.shape[1] // 2
+            projections = ((legacy.gate, slice(0, rows)), (legacy.up, slice(rows, 2 * rows)))
+        else:
+            projections = ((legacy.down, slice(None)),)
+        for expert in range(a_e.shape[0]):
+            for projection, rows in projections:
+                out[f"{stem}.experts.{expert}.{projection}"] = (a_e[expert], b_e[expert, rows].contiguous())
+    return out
+
+
 def _encode(
     array: np.ndarray, qtype: gguf.GGMLQuantizationType, name: str, fallbacks: list[str]
 ) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -259,11 +301,17 @@ def lora_to_gguf(adapter_dir: Path, output: Path, arch: str | None = None, outty
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     _refuse_embeddings(adapter.pairs, weights_path)
     base_config, base_path = _base_config(adapter.config)
+    if adapter.expert_pairs and arch is None and base_config and base_config.get("model_type") not in LEGACY_EXPERTS:
+        _split_fused_experts(adapter, base_config.get("model_type"), weights_path)  # raises, naming the alternative
     architecture = _choose_architecture(arch, base_config, base_path)
     base_config = base_config or {}
     alpha = _llama_cpp_alpha(adapter)
 
     pairs = {module: (a.float(), b.float()) for module, (a, b) in adapter.pairs.items()}
+    model_type = base_config.get("model_type") or next(
+        (t for t, a in ARCHITECTURES.items() if a is architecture and t in LEGACY_EXPERTS), None
+    )
+    pairs.update(_split_fused_experts(adapter, model_type, weights_path))
     n_expert = base_config.get("num_local_experts", base_config.get("num_experts"))
     pairs = _stack_experts(pairs, n_expert, weights_path)
 

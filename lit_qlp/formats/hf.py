@@ -144,6 +144,15 @@ class CheckpointReader:
                 return tuple(keys), True
         raise KeyError(name)
 
+    def source_keys(self, name: str) -> tuple[str, ...]:
+        """The checkpoint keys that hold the module tensor ``name``: itself, or its per-expert pieces in the legacy
+        layout, in order (``gate_0, up_0, gate_1, ...`` for a ``gate_up_proj``).
+
+        Raises:
+            KeyError: if the checkpoint has no such tensor (an MXFP4 one included).
+        """
+        return self._sources(name)[0]
+
     def get(self, name: str) -> torch.Tensor:
         """Returns the module tensor ``name`` (a transformers 5.x parameter or buffer name) on the CPU.
 

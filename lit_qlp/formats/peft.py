@@ -4,7 +4,8 @@ Written by the epoch export and the Control Adapter conversion (``peft_adapter_c
 read by the LoRA merge and the GGUF export through the one reader ``read_lora_adapter``.
 
 The reader takes what both consumers reproduce exactly: plain LoRA pairs on linear layers, each adding
-``scale · B A`` to its weight with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). It
+``scale · B A`` to its weight with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), and
+LoRA on fused MoE expert tensors (``target_parameters``), adding ``scale · B_e A_e`` to each expert's matrix. It
 refuses, with a ValueError naming the file and the key, every PEFT setting or tensor that changes that sum: another
 ``peft_type``, the LoRA variants (DoRA, aLoRA, QA-LoRA, ...), per-module ranks or alphas, ``modules_to_save``,
 biases, transposed (``fan_in_fan_out``) base weights, embedding LoRA and incomplete or mis-shaped pairs.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -55,7 +56,6 @@ REFUSED_SETTINGS: dict[str, Refusal] = {
     "bias": Refusal("trains the biases of the base layers", f"retrain with bias: none, or {MERGE_ADVICE}", "none"),
     "lora_bias": Refusal("adds a trained bias to lora_B", f"retrain without lora_bias, or {MERGE_ADVICE}"),
     "trainable_token_indices": Refusal("trains rows of the token embeddings", f"retrain without it, or {MERGE_ADVICE}"),
-    "target_parameters": Refusal("puts LoRA on bare parameters, not on linear layers", "target linear layers instead"),
     "layer_replication": Refusal("builds extra decoder layers that share base weights", MERGE_ADVICE),
     "use_qalora": Refusal("QA-LoRA pools the input of lora_A in groups", "train a plain LoRA"),
     "alora_invocation_tokens": Refusal(
@@ -67,6 +67,45 @@ REFUSED_SETTINGS: dict[str, Refusal] = {
     "monteclora_config": Refusal("MonteCLoRA samples its update", "train a plain LoRA"),
     "arrow_config": Refusal("Arrow routes each token among several LoRAs", "run it in PEFT"),
 }
+
+
+# The fused expert tensors of transformers 5.x's experts modules, in the order every one of them registers them.
+# PEFT nests one ParamWrapper per targeted tensor of a module in registration order, so the last targeted tensor
+# saves as ``<module>.lora_A.weight``, the one before it as ``<module>.base_layer.lora_A.weight``, and so on.
+FUSED_EXPERT_ORDER = ("gate_up_proj", "down_proj")
+BASE_LAYER = "base_layer."
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-expert factors of PEFT's LoRA on a fused expert tensor (``ParamWrapper.get_delta_factors``).
+
+    PEFT stores ``lora_A`` [r·E, in] with each expert's rows together and ``lora_B`` [out, r·E] with the experts
+    interleaved (column ``k·E + e`` is rank ``k`` of expert ``e``), so expert ``e``'s update is
+    ``A_e = A.view(E, r, in)[e]``, ``B_e = B.view(out, r, E)[:, :, e]``.
+
+    Args:
+        a: ``lora_A`` [r·E, in].
+        b: ``lora_B`` [out, r·E].
+        num_experts: E.
+
+    Returns:
+        ``A_e`` [E, r, in] and ``B_e`` [E, out, r] (views).
+    """
+    return a.reshape(num_experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, num_experts).permute(2, 0, 1)
+
+
+def expert_delta(a: torch.Tensor, b: torch.Tensor, num_experts: int, transposed: bool) -> torch.Tensor:
+    """``B_e A_e`` of every expert, [E, out, in], or [E, in, out] for a ``transposed`` (gpt-oss) tensor; unscaled.
+
+    Args:
+        a: ``lora_A`` [r·E, in].
+        b: ``lora_B`` [out, r·E].
+        num_experts: E.
+        transposed: Whether the adapted tensor is stored [E, in, out].
+    """
+    a_e, b_e = expert_factors(a, b, num_experts)
+    delta = torch.bmm(b_e, a_e)
+    return delta.transpose(1, 2) if transposed else delta
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -82,6 +121,7 @@ def peft_adapter_config(
     target_modules: Sequence[str],
     layers_to_transform: Sequence[int] | None,
     use_rslora: bool = False,
+    target_parameters: Sequence[str] = (),
 ) -> dict:
     """A PEFT ``adapter_config.json`` for a LoRA adapter.
 
@@ -93,8 +133,11 @@ def peft_adapter_config(
         target_modules: Module names (``q_proj``); written sorted and without repeats.
         layers_to_transform: The decoder layers that hold adapters; None for all.
         use_rslora: Whether the update is scaled by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        target_parameters: Fused expert tensors with LoRA (``experts.gate_up_proj``, or qualified names such as
+            ``model.layers.1.mlp.experts.gate_up_proj``: PEFT does not apply ``layers_to_transform`` to them);
+            written only when there are some.
     """
-    return {
+    config = {
         "peft_type": LORA_PEFT_TYPE,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -111,6 +154,9 @@ def peft_adapter_config(
         "modules_to_save": None,
         "inference_mode": True,
     }
+    if target_parameters:
+        config["target_parameters"] = list(target_parameters)
+    return config
 
 
 def save_peft_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -133,12 +179,18 @@ class LoraAdapterFile:
         pairs: Per module, by its name in the Hugging Face model (``model.layers.0.self_attn.q_proj``), the
             ``(A, B)`` pair: A [r, in] and B [out, r], in the dtype they were saved in.
         scales: Per module, the factor of its ``B A`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)``).
+        expert_pairs: Per fused expert tensor, by its name in the Hugging Face model
+            (``model.layers.0.mlp.experts.gate_up_proj``), PEFT's ``(lora_A, lora_B)``: [r·E, in] and [out, r·E]
+            (``expert_factors`` splits them by expert; ``expert_delta`` forms the update).
+        expert_scales: Per fused expert tensor, the factor of its update.
     """
 
     directory: Path
     config: dict
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scales: dict[str, float]
+    expert_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    expert_scales: dict[str, float] = field(default_factory=dict)
 
 
 def read_lora_config(directory: Path) -> dict:
@@ -234,9 +286,84 @@ def lora_pairs(
                 "rank_pattern); the config does not belong to these weights"
             )
         pairs[module] = (a, b)
-    if not pairs:
-        raise ValueError(f"{weights_path} holds no LoRA pairs (no *.lora_A.weight keys)")
     return pairs
+
+
+def split_expert_pairs(
+    tensors: dict[str, torch.Tensor], target_parameters: Sequence[str], weights_path: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Separates the fused-expert LoRA tensors of a ``target_parameters`` adapter from the linear ones.
+
+    A module holds expert pairs when a ``target_parameters`` entry ``<module suffix>.<tensor>`` names it. Its keys
+    are PEFT's nested ones (``<module>.lora_A.weight``, ``<module>.base_layer.lora_A.weight``, ...); the nesting
+    depth says which tensor a pair adapts, given the targeted tensors in ``FUSED_EXPERT_ORDER``.
+
+    Args:
+        tensors: The contents of ``adapter_model.safetensors``.
+        target_parameters: The config's entry.
+        weights_path: The file, named in the messages.
+
+    Returns:
+        The remaining (linear) tensors, and the expert pairs by HF tensor name (``...experts.gate_up_proj``).
+
+    Raises:
+        ValueError: An entry names a tensor outside ``FUSED_EXPERT_ORDER``, or a module's nesting does not fit.
+    """
+    targets = [t.rpartition(".") for t in target_parameters]
+    for module, _, tensor in targets:
+        if not module:
+            raise ValueError(
+                f"{weights_path}: target_parameters entry {tensor!r} names no module; this reader takes entries "
+                f"such as experts.{tensor}, which tell expert pairs from linear ones; {MERGE_ADVICE}"
+            )
+        if tensor not in FUSED_EXPERT_ORDER:
+            raise ValueError(
+                f"{weights_path}: target_parameters entry {module}.{tensor} is not a fused expert tensor "
+                f"({', '.join(FUSED_EXPERT_ORDER)}), whose PEFT key nesting this reader knows; {MERGE_ADVICE}"
+            )
+    linear: dict[str, torch.Tensor] = {}
+    nested: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        found = split_lora_key(key)
+        if found is None:
+            linear[key] = tensor
+            continue
+        module, part = found
+        depth = 0
+        while module.endswith("." + BASE_LAYER[:-1]):
+            module, depth = module[: -len(BASE_LAYER)], depth + 1
+        if not any(module == m or module.endswith("." + m) for m, _, _ in targets):
+            linear[key] = tensor
+            continue
+        nested.setdefault(module, {}).setdefault(depth, {})[part] = tensor
+    experts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, depths in nested.items():
+        named = {t for m, _, t in targets if module == m or module.endswith("." + m)}
+        candidates = [t for t in FUSED_EXPERT_ORDER if t in named]
+        if sorted(depths) != list(range(len(candidates))):
+            raise ValueError(
+                f"{weights_path}: {module} has LoRA pairs at nesting depths {sorted(depths)}, but target_parameters "
+                f"names {len(candidates)} of its tensors ({', '.join(candidates)}), one depth each; the config does "
+                "not belong to these weights"
+            )
+        for depth, parts in depths.items():
+            tensor_name = candidates[len(candidates) - 1 - depth]
+            missing = sorted(set(LORA_PARTS) - set(parts))
+            if missing:
+                raise ValueError(f"{weights_path}: {module}.{tensor_name} has no {missing[0]}.weight; it is incomplete")
+            experts[f"{module}.{tensor_name}"] = (parts["lora_A"], parts["lora_B"])
+    return linear, experts
+
+
+def check_expert_pairs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, weights_path: Path) -> None:
+    """Raises ValueError unless every expert pair is ``lora_A`` [r·E, in] and ``lora_B`` [out, r·E] with the
+    config's ``r``."""
+    for name, (a, b) in pairs.items():
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] % rank:
+            raise ValueError(
+                f"{weights_path}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; a fused expert "
+                f"pair is lora_A [r·E, in] and lora_B [out, r·E] with r={rank}"
+            )
 
 
 def read_lora_adapter(directory: Path) -> LoraAdapterFile:
@@ -260,19 +387,29 @@ def read_lora_adapter(directory: Path) -> LoraAdapterFile:
             f"{directory} has no {ADAPTER_WEIGHTS}; only safetensors adapters are read (PEFT's save_pretrained "
             "writes one unless safe_serialization=False)"
         )
-    pairs = lora_pairs(load_file(weights_path), config["r"], weights_path)
+    tensors = load_file(weights_path)
+    tensors, experts = split_expert_pairs(tensors, config.get("target_parameters") or [], weights_path)
+    check_expert_pairs(experts, config["r"], weights_path)
+    pairs = lora_pairs(tensors, config["r"], weights_path)
+    if not pairs and not experts:
+        raise ValueError(f"{weights_path} holds no LoRA pairs (no *.lora_A.weight keys)")
     scale = lora_scaling(config["lora_alpha"], config["r"], bool(config.get("use_rslora")))
-    return LoraAdapterFile(directory, config, pairs, dict.fromkeys(pairs, scale))
+    return LoraAdapterFile(
+        directory, config, pairs, dict.fromkeys(pairs, scale), experts, dict.fromkeys(experts, scale)
+    )
 
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "FUSED_EXPERT_ORDER",
     "LORA_PEFT_TYPE",
     "PEFT_PREFIX",
     "REFUSED_SETTINGS",
     "LoraAdapterFile",
     "Refusal",
+    "expert_delta",
+    "expert_factors",
     "lora_pairs",
     "lora_scaling",
     "peft_adapter_config",

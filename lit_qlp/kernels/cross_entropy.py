@@ -46,7 +46,8 @@ class TokenWeightedLoss:
         self.head = head
 
     def tie(self, weight: Callable[[], torch.Tensor]) -> None:
-        """Makes ``weight()`` (the embedding matrix, for trainable tied embeddings) the head's weight."""
+        """Makes ``weight()`` (the embedding matrix of tied embeddings, on the stage that holds the head) the head's
+        weight."""
         self.tied_weight = weight
 
     def head_weight(self) -> torch.Tensor:

@@ -10,8 +10,16 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lit_qlp.adapters.experts import fused_expert_tensors
 from lit_qlp.adapters.lora import LoraAdapter, lora_tensors
-from lit_qlp.adapters.targeting import ALL_LINEAR, check_targets, linear_names, match_targets
+from lit_qlp.adapters.targeting import (
+    ALL_LINEAR,
+    check_targets,
+    expert_target_name,
+    linear_names,
+    match_expert_targets,
+    match_targets,
+)
 from lit_qlp.formats.hf import copy_tokenizer_files
 from lit_qlp.formats.peft import peft_adapter_config, save_peft_adapter
 from lit_qlp.methods.base import TrainingMethod, check_adapter_options
@@ -35,8 +43,12 @@ class LoRA(TrainingMethod):
     Args:
         rank: LoRA rank r.
         dropout: Dropout on the adapters' input.
-        target_modules: The linear layers of the decoder layers that get adapters: "all-linear" (every one) or
-            names such as ``[q_proj, v_proj]`` (a name selects a layer of that name or ending in ``.name``).
+        target_modules: The linear layers and fused MoE expert tensors of the decoder layers that get adapters:
+            "all-linear" (every linear layer and, in an MoE model, every fused expert tensor) or names such as
+            ``[q_proj, v_proj]`` (a name selects a layer of that name or ending in ``.name``). An expert tensor is
+            named with its module, ``experts.gate_up_proj`` and ``experts.down_proj`` (a bare ``down_proj`` selects
+            linear layers only); its LoRA is PEFT's ``target_parameters`` LoRA (one rank-r pair per expert) and
+            takes no dropout.
         layers_to_transform: Decoder layers that get adapters, e.g. "0:31", "0:10,20:25,30" or "1,3,5" (inclusive
             ranges); all layers when unset.
         use_rslora: Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` = ``sqrt(r)`` instead of ``alpha / r`` = 1
@@ -73,13 +85,46 @@ class LoRA(TrainingMethod):
     def targets(self, source: ModelSource) -> list[str]:
         """The leaf names (``q_proj``, ...) of the decoder layers' linear layers that get adapters."""
         decoder_linears = linear_names(source.submodule("model.layers.0"))
-        check_targets(decoder_linears, self.target_modules, f"{source.model_dir.name}'s decoder layers")
+        experts = decoder_expert_tensors(source)
+        check_targets(decoder_linears, self.target_modules, f"{source.model_dir.name}'s decoder layers", experts)
         return [n.rsplit(".", 1)[-1] for n in match_targets(decoder_linears, self.target_modules)]
+
+    def expert_targets(self, source: ModelSource) -> list[str]:
+        """The fused expert tensors that get adapters, as ``experts.gate_up_proj`` names (PEFT's
+        ``target_parameters``), in the order the decoder layers hold them; empty for a dense model."""
+        chosen = match_expert_targets(decoder_expert_tensors(source), self.target_modules)
+        return list(dict.fromkeys(expert_target_name(n) for n in chosen))
+
+    def peft_target_parameters(self, source: ModelSource, adapted: list[int], every_layer: bool) -> list[str]:
+        """PEFT's ``target_parameters``: the ``experts.gate_up_proj`` names when every layer is adapted, else the
+        qualified tensors of the adapted layers (``model.layers.1.mlp.experts.gate_up_proj``), since PEFT applies
+        no ``layers_to_transform`` to ``target_parameters``."""
+        targets = self.expert_targets(source)
+        if every_layer or not targets:
+            return targets
+        return [
+            f"model.layers.{index}.{name}"
+            for index in adapted
+            for name in match_expert_targets(fused_expert_tensors(source.submodule(f"model.layers.{index}")), targets)
+        ]
 
     @override
     def check(self, source: ModelSource, base: BaseFormat | None) -> None:
         super().check(source, base)
         self.targets(source)
+        experts = self.expert_targets(source)
+        if experts and self.dropout:
+            raise ValueError(
+                f"model.method.dropout={self.dropout}: LoRA on the fused expert tensors {experts} takes no dropout "
+                "(it changes the weight, not the input, as PEFT's target_parameters LoRA does); set dropout: 0, or "
+                "list target_modules without the experts.* tensors"
+            )
+        if experts and self.weight_decay:
+            raise ValueError(
+                f"model.method.weight_decay={self.weight_decay}: the composite decay is applied to linear LoRA pairs "
+                f"only, not to the fused expert tensors {experts}; set weight_decay: 0, or list target_modules "
+                "without the experts.* tensors"
+            )
 
     @override
     def layer_adapter(self, source: ModelSource, seed: int) -> LoraAdapter:
@@ -93,6 +138,7 @@ class LoRA(TrainingMethod):
             seed=seed,
             compute_in_input_dtype=not self.compute_in_weight_dtype,
             use_rslora=self.use_rslora,
+            target_parameters=self.expert_targets(source),
         )
 
     @override
@@ -111,18 +157,29 @@ class LoRA(TrainingMethod):
             return
         tensors = {name: tensor for part in gathered for name, tensor in part.items()}
         adapted = self.layers(source)
+        every_layer = len(adapted) == source.quirks.num_layers
         config = peft_adapter_config(
             base_model=str(source.model_dir),
             rank=self.rank,
             alpha=self.rank,
             dropout=self.dropout,
             target_modules=self.targets(source),
-            layers_to_transform=None if len(adapted) == source.quirks.num_layers else adapted,
+            layers_to_transform=None if every_layer else adapted,
+            target_parameters=self.peft_target_parameters(source, adapted, every_layer),
         )
         if self.use_rslora:
             config["use_rslora"] = True
         save_peft_adapter(directory, tensors, config)
         copy_tokenizer_files(source.model_dir, directory)
+
+
+def decoder_expert_tensors(source: ModelSource) -> list[str]:
+    """The fused expert tensors of the decoder layers, by their names in a layer (``mlp.experts.gate_up_proj``),
+    over all layers (a model may keep some layers dense)."""
+    names: dict[str, None] = {}
+    for index in range(source.quirks.num_layers):
+        names.update(dict.fromkeys(fused_expert_tensors(source.submodule(f"model.layers.{index}"))))
+    return list(names)
 
 
 __all__ = ["LoRA"]

@@ -59,11 +59,15 @@ def pipeline_spec(
     adapter: LayerAdapter | None,
     embeddings_on_cpu: bool = False,
     compile_layers: bool = False,
+    pipeline_stages: int | None = None,
 ) -> PipelineSpec:
     """The pipeline layers of a model: embedding, decoder layers (with ``adapter``), norm + fused head and loss.
 
-    A trained tied embedding matrix is one ``TiedLayerSpec`` on the first and the last stage (DeepSpeed keeps the
-    copies equal and sums their gradients); a frozen one is read by both layers from the checkpoint.
+    Tied embeddings are one matrix wherever one stage holds both ends: with one stage the head reads the
+    embedding's weight (``OutputPipe(tied=True)``), trained or frozen. With several stages the embedding is on the
+    first and the head on the last: a trained matrix is then one ``TiedLayerSpec`` on both (DeepSpeed keeps the copies
+    equal and sums their gradients), a frozen one is read by each of the two from the checkpoint. A frozen matrix
+    kept on the CPU (``embeddings_on_cpu``) leaves the head its own copy on the device.
 
     Args:
         builder: The stage's builder (model, device, base format, trainable parameters, position cache).
@@ -71,6 +75,9 @@ def pipeline_spec(
         adapter: Adds the training method's adapters to each decoder layer, or None.
         embeddings_on_cpu: Keep the frozen embedding matrix in CPU memory (see ``EmbeddingPipe``).
         compile_layers: ``torch.compile`` each decoder layer (see ``DecoderLayerPipe``).
+        pipeline_stages: How many stages the layers are spread over; each holds at least one layer, so with two or
+            more the embedding and the head are never on the same one. None (not known): the layout for any number,
+            the head holding its own copy of a frozen tied matrix and a trained one in a ``TiedLayerSpec``.
     """
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -80,7 +87,14 @@ def pipeline_spec(
         LayerSpec(DecoderLayerPipe, builder, i, adapter, compile=compile_layers)
         for i in range(source.quirks.num_layers)
     ]
-    if trains_tied_embeddings(builder):
+    if source.quirks.tie_word_embeddings and pipeline_stages == 1 and not embeddings_on_cpu:
+        layers = [
+            LayerSpec(EmbeddingPipe, builder, loss_fn),
+            *decoders,
+            LayerSpec(OutputPipe, builder, loss_fn, tied=True),
+        ]
+        counts = [*counts[:-1], float(source.num_parameters("model.norm"))]
+    elif trains_tied_embeddings(builder):
         weight = "embed_tokens.weight"
         layers = [
             TiedLayerSpec("embeddings", EmbeddingPipe, builder, loss_fn, tied_weight_attr=weight),

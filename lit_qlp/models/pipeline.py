@@ -286,9 +286,10 @@ class StageBuilder:
 class EmbeddingPipe(nn.Module):
     """Pipeline layer 0: token ids to hidden states (including any embedding scale of the architecture).
 
-    With trainable tied embeddings this module is also the LM head: DeepSpeed's ``TiedLayerSpec`` builds it on
-    the first and the last stage, keeps the copies equal and sums their gradients, and the last stage's copy
-    gives the loss its weight (``loss.tie``).
+    With tied embeddings this module's matrix is also the LM head's weight, given to the loss (``loss.tie``) by the
+    stage that holds both: the only stage of a one-stage pipeline, or, for a trained matrix spread over stages, the
+    last stage's copy that DeepSpeed's ``TiedLayerSpec`` builds there (it keeps the copies equal and sums their
+    gradients).
 
     Args:
         builder: The stage's builder.
@@ -327,7 +328,8 @@ class EmbeddingPipe(nn.Module):
 
 
 def tied_head(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The last pipeline layer of a model with trainable tied embeddings: the loss applies the embedding matrix."""
+    """The last pipeline layer of a model whose trained tied embeddings span stages: the loss applies the embedding
+    matrix."""
     return hidden_states
 
 
@@ -409,8 +411,9 @@ class OutputPipe(nn.Module):
     Args:
         builder: The stage's builder.
         loss: The pipeline's loss, bound to this head; or None.
-        tied: The head is the (trainable) embedding matrix, held by a tied ``EmbeddingPipe`` after this layer;
-            this layer then holds only the norm.
+        tied: The head is the embedding matrix, held by an ``EmbeddingPipe`` of the same stage (the first layer of a
+            one-stage pipeline, or a tied one after this layer) that gives it to the loss; this layer then holds only
+            the norm.
     """
 
     hf_prefix = "lm_head"

@@ -1,4 +1,5 @@
-"""QLoRA's frozen base: the linear layers of each decoder layer in bitsandbytes 4-bit, quantised as they load."""
+"""QLoRA's frozen base: the linear layers and fused MoE experts of each decoder layer in bitsandbytes 4-bit,
+quantised as they load."""
 
 from __future__ import annotations
 
@@ -109,4 +110,16 @@ def quantize_linears(module: nn.Module, quantization: Quantization) -> list[str]
     return replaced
 
 
-__all__ = ["Quantization", "check_bitsandbytes", "import_bitsandbytes", "quantize_linears"]
+def quantize_layer(module: nn.Module, quantization: Quantization) -> list[str]:
+    """Stores the frozen weights of a decoder layer in 4-bit: every ``nn.Linear`` (``quantize_linears``) and every
+    fused MoE expert tensor, one expert slice at a time (``lit_qlp.models.experts4bit.quantize_experts``).
+
+    Returns:
+        The qualified names of the quantised layers and expert tensors.
+    """
+    from lit_qlp.models.experts4bit import quantize_experts
+
+    return quantize_linears(module, quantization) + quantize_experts(module, quantization)
+
+
+__all__ = ["Quantization", "check_bitsandbytes", "import_bitsandbytes", "quantize_layer", "quantize_linears"]

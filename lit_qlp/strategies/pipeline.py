@@ -307,7 +307,7 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         self.accelerator.setup(trainer)
         self.model_to_device()
-        spec: PipelineSpec = self.lightning_module.pipeline_spec(self.root_device)
+        spec: PipelineSpec = self.lightning_module.pipeline_spec(self.root_device, self.pipeline_stages)
         types = [layer.typename.__name__ for layer in spec.layers]
         parts = partition_layers(
             self.partition_method, self.pipeline_stages, spec.parameter_counts, types, self.activation_checkpointing

@@ -1,5 +1,6 @@
 """Chat records and add_prefix_space, with the demo model's byte-level BPE tokenizer and chat template; the
-expectations come from tokenising hand-rendered pieces of the template."""
+expectations come from tokenising hand-rendered pieces of the template. The chat here (89 tokens and the template's
+BOS) is longer than a sequence (64 tokens): packed whole it keeps its first tokens; packed as text it runs on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lit_qlp.data.sources import DatasetSource
-from tests.data.helpers import DEMO_MODEL, build, jsonl_source, rows, stream_rows, texts
+from tests.data.helpers import CONTENT, DEMO_MODEL, build, jsonl_source, row, rows, stream_rows, texts
 
 # ----------------------------------------------------------------------------------------------------- chats
 
@@ -27,8 +28,8 @@ SHAREGPT = [
     {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CHAT
 ]
 # The demo template renders "<s>" then "{role}:\n{content}</s>\n" per turn, and "assistant:\n" as generation prompt.
-# Assistant content and its end of turn "</s>\n" are trained; the template's "<s>" is dropped (sequences open with
-# their own BOS). Written out by hand, not rendered by the template.
+# Assistant content and its end of turn "</s>\n" are trained; the template's "<s>" (BOS, id 0) stays, but a chat
+# opening a sequence leaves it to the sequence's own BOS. Written out by hand, not rendered by the template.
 CHAT_PIECES = [
     ("system:\nYou are a terse field guide.</s>\n", False),
     ("user:\nWhere do thornhares live?</s>\n", False),
@@ -71,29 +72,51 @@ def test_chat_trains_only_assistant_turns(tmp_path, demo_tokenizer, fmt):
     copies = 5
     source = chat_sources(tmp_path, copies)[fmt]
     train, _, stats = build(tmp_path, DEMO_MODEL, [source])
-    assert rows(train) == stream_rows([0], ids * copies, trained * copies)  # no EOS added: the template ends turns
-    assert stats[0]["tokens"] == len(ids) * copies and stats[0]["trained_tokens"] == sum(trained) * copies
+    # Whole chats (the default): each opens a sequence of its own (its BOS is the sequence's) and, longer than one,
+    # keeps its first 63 tokens: the first answer whole, the second cut off with the rest.
+    assert rows(train) == [row([0], ids[:CONTENT], trained[:CONTENT])] * copies  # no EOS added: the template ends turns
+    assert stats[0]["tokens"] == (len(ids) + 1) * copies and stats[0]["trained_tokens"] == sum(trained) * copies
+    assert stats[0]["dropped_tokens"] == (len(ids) - CONTENT) * copies
+    assert (stats[0]["chats"], stats[0]["truncated_chats"], stats[0]["answers"]) == (copies, copies, 2 * copies)
+    assert stats[0]["answers_without_prompt"] == 0
     trained_text = demo_tokenizer.decode([i for i, t in zip(ids, trained) if t])
     assert trained_text == "In misty cedar valleys.</s>\nClover seeds and wild honey!</s>\n"
+    kept_text = demo_tokenizer.decode([i for i, t in zip(ids[:CONTENT], trained) if t])
+    assert kept_text == "In misty cedar valleys.</s>\n"
+
+
+@pytest.mark.parametrize("fmt", ["messages", "conversations"])
+def test_chat_as_text_runs_on_keeping_each_later_chats_bos(tmp_path, demo_tokenizer, fmt):
+    ids, trained = chat_document(demo_tokenizer)
+    train, _, stats = build(tmp_path, DEMO_MODEL, [chat_sources(tmp_path, 5)[fmt]], chat_packing="as_text")
+    # The first chat opens the stream (its BOS is the sequence's); the others start at 89 + 90k, never at a sequence's
+    # start (a multiple of 63), and keep theirs.
+    assert rows(train) == stream_rows([0], ids + ([0] + ids) * 4, trained + ([False] + trained) * 4)
+    # Sequence r holds stream tokens 63r..63r+62; the answers are tokens 40-53 and 74-88 of the first chat and 41-54
+    # and 75-89 of the others (after their BOS), which start at 89 + 90k. Only the first chat's first answer lies in
+    # the sequence where its chat starts; the last chat's second answer (434-448) is partly in the kept sequence 6.
+    assert (stats[0]["chats"], stats[0]["answers"], stats[0]["answers_without_prompt"]) == (5, 10, 9)
+    assert stats[0]["answers_without_prompt"] == stats[0]["answers_without_prompt_as_text"]
 
 
 @pytest.mark.parametrize("fmt", ["messages", "conversations"])
 def test_chat_labels_all(tmp_path, demo_tokenizer, fmt):
     ids, _ = chat_document(demo_tokenizer)
-    train, _, _ = build(tmp_path, DEMO_MODEL, [chat_sources(tmp_path, 5)[fmt]], chat_labels="all")
-    assert rows(train) == stream_rows([0], ids * 5)
+    sources = [chat_sources(tmp_path, 5)[fmt]]
+    train, _, _ = build(tmp_path, DEMO_MODEL, sources, chat_labels="all", chat_packing="as_text")
+    assert rows(train) == stream_rows([0], ids + [0, *ids] * 4)
+    train, _, _ = build(tmp_path / "whole", DEMO_MODEL, sources, chat_labels="all")
+    assert rows(train) == [row([0], ids[:CONTENT])] * 5
 
 
-def test_chat_with_string_document_prefix_drops_template_bos(tmp_path, demo_tokenizer):
-    # The string prefix is tokenised together with the rendered chat, so its tokens merge with the first turn's;
-    # what must hold: the template's BOS is gone from inside the stream, and the trained tokens are unchanged.
-    sources = [chat_sources(tmp_path, 5)["messages"]]
-    plain, _, _ = build(tmp_path / "plain", DEMO_MODEL, sources)
-    train, _, _ = build(tmp_path, DEMO_MODEL, sources, document_prefix="Note: ")
-    assert (train.input_ids[:, 0] == 0).all() and not (train.input_ids[:, 1:] == 0).any()
-    note = demo_tokenizer("Note:", add_special_tokens=False)["input_ids"]
-    assert (train.input_ids == note[0]).any() and not (train.labels == note[0]).any()  # the prefix has no labels
-    assert (train.labels != -100).any() and (plain.labels != -100).any()
+def test_chat_with_string_document_prefix_keeps_template_bos(tmp_path, demo_tokenizer):
+    # The string goes before the rendered chat, whose BOS (a special token) then follows it: the chat no longer opens
+    # with the sequence prefix's token, so it keeps its BOS; the prefix has no labels, the trained tokens are the same.
+    ids, trained = chat_document(demo_tokenizer)
+    note = demo_tokenizer("Note: ", add_special_tokens=False)["input_ids"]
+    train, _, _ = build(tmp_path, DEMO_MODEL, [chat_sources(tmp_path, 5)["messages"]], document_prefix="Note: ")
+    document, labelled = note + [0] + ids, [False] * (len(note) + 1) + trained
+    assert rows(train) == [row([0], document[:CONTENT], labelled[:CONTENT])] * 5
 
 
 # ----------------------------------------------------------------------------------------------------- add_prefix_space

@@ -199,6 +199,7 @@ def test_cache_key_and_rebuild_on_changes(tmp_path, tiny_tok, monkeypatch):
         {"eval_fraction": 0.5},
         {"max_sequences": 3},
         {"drop_tails": True},
+        {"chat_packing": "as_text"},
         {"mix_datasets": True},
         {"sequence_prefix": ""},
         {"document_prefix": 5},

@@ -324,3 +324,60 @@ def test_command_line(tmp_path):
     assert written["blk.0.attn_q.weight.lora_a"].tensor_type == T.Q8_0
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 1 and "error: --output" in again.stderr and "exists" in again.stderr
+
+
+def fused_expert_adapter(model_dir: Path, directory: Path, rank: int = 2, alpha: int = 6):
+    """A PEFT ``target_parameters`` LoRA with random factors on the fused experts of ``model_dir``, and PEFT's own
+    per-expert updates ``B_e A_e`` (unscaled) of every adapted fused tensor, read off its merge_and_unload."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    before = {n: t.clone() for n, t in base.state_dict().items() if ".experts." in n}
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=[],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        init_lora_weights=False,
+    )
+    model = peft.get_peft_model(base, config)
+    model.save_pretrained(directory)
+    after = model.merge_and_unload().state_dict()
+    return {n: (after[n] - t) / (alpha / rank) for n, t in before.items()}
+
+
+@pytest.mark.parametrize(("model_type", "arch"), [("mixtral", "llama"), ("qwen3_moe", "qwen3moe")])
+def test_fused_expert_lora_is_split_into_llama_cpp_expert_tensors(tmp_path, tiny_model, model_type, arch):
+    model_dir = tiny_model(model_type)
+    deltas = fused_expert_adapter(model_dir, tmp_path / "adapter")
+    lora_to_gguf(tmp_path / "adapter", tmp_path / "moe.gguf")
+    reader, written = read(tmp_path / "moe.gguf")
+    check_metadata(reader, arch, 6.0)
+    layers = sorted({int(n.split(".")[2]) for n in deltas})
+    assert set(written) == {
+        f"blk.{i}.{n}.weight.lora_{ab}"
+        for i in layers
+        for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+        for ab in "ab"
+    }
+    for i in layers:
+        gate_up, down = (
+            deltas[f"model.layers.{i}.mlp.experts.gate_up_proj"],
+            deltas[f"model.layers.{i}.mlp.experts.down_proj"],
+        )
+        rows = gate_up.shape[1] // 2
+        expected = {"ffn_gate_exps": gate_up[:, :rows], "ffn_up_exps": gate_up[:, rows:], "ffn_down_exps": down}
+        for name, delta in expected.items():
+            lora_a = values(written[f"blk.{i}.{name}.weight.lora_a"])
+            lora_b = values(written[f"blk.{i}.{name}.weight.lora_b"])
+            np.testing.assert_allclose(lora_b @ lora_a, delta.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_expert_lora_of_gpt_oss_is_refused(tmp_path, tiny_model):
+    fused_expert_adapter(tiny_model("gpt_oss"), tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"fused expert tensors .* of a 'gpt_oss' model .*convert_hf_to_gguf"):
+        lora_to_gguf(tmp_path / "adapter", tmp_path / "out.gguf")
+    with pytest.raises(ValueError, match=r"fused expert tensors .* merge the adapter .*convert_hf_to_gguf"):
+        lora_to_gguf(tmp_path / "adapter", tmp_path / "out.gguf", arch="qwen3moe")

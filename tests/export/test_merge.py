@@ -155,3 +155,35 @@ def test_merge_refuses_what_it_cannot_merge(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "CONTROL_ADAPTER"}))
     with pytest.raises(ValueError, match="control_adapter_to_lora.py first"):
         read_lora_adapter(adapter)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_merge_of_fused_expert_lora_equals_peft_merge_and_unload(tiny_model, tmp_path, arch):
+    """Mixtral and Qwen3-MoE checkpoints hold one tensor per expert (gate_up splits into gate and up rows);
+    gpt-oss holds the fused, transposed tensors."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model(arch)
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=6,
+        target_modules=["o_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        init_lora_weights=False,
+    )
+    peft.get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    merged_names = merge_lora(model_dir, tmp_path / "adapter", tmp_path / "merged")
+    assert any("expert" in name for name in merged_names)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").merge_and_unload().eval()
+    untouched = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    ours_state, reference_state = ours.state_dict(), reference.state_dict()
+    assert sorted(ours_state) == sorted(reference_state)
+    changed = [n for n in reference_state if "experts" in n and not torch.equal(reference_state[n], untouched[n])]
+    assert changed
+    for name, tensor in reference_state.items():
+        torch.testing.assert_close(ours_state[name], tensor, msg=lambda m: f"{name}: {m}")

@@ -533,3 +533,27 @@ def test_script(tmp_path):
 
 def test_script_docstring_shows_usage():
     assert "python tools/import_qlora_pipe_config.py config.toml [-o config.yaml]" in SCRIPT.read_text()
+
+
+def test_all_linear_targets_mixtrals_fused_experts(tiny_model):
+    """qlora-pipe-lite's all-linear covered Mixtral's expert linears (transformers 4.x); the imported config
+    targets the fused expert tensors of transformers 5.x."""
+    import torch
+
+    from lit_qlp.adapters.experts import expert_loras
+    from lit_qlp.methods import LoRA
+    from lit_qlp.models.pipeline import ModelSource
+    from tests.tiny_models import stage_layers
+
+    converted = import_qlora_pipe_config(
+        "model_dir = '/m'\ntarget_modules = 'all-linear'\nlora_rank = 4\n[[datasets]]\ndataset_path = 'd.jsonl'\n"
+    )
+    method = LoRA(**converted["model"]["method"]["init_args"])
+    source = ModelSource(tiny_model("mixtral"), dtype="float32")
+    assert method.expert_targets(source) == ["experts.gate_up_proj", "experts.down_proj"]
+    layers = stage_layers(source, method.layer_adapter(source, seed=0))
+    adapted = {(name, tensor) for layer in layers for name, tensor, _ in expert_loras(layer)}
+    assert adapted == {("layer.mlp.experts", t) for t in ("gate_up_proj", "down_proj")}
+    assert all(
+        p.dtype == torch.float32 for layer in layers for _, _, lora in expert_loras(layer) for p in lora.parameters()
+    )

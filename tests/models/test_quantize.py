@@ -48,7 +48,8 @@ def hf_quantized(model_dir, quantization, device="cpu", dtype=torch.float32, att
     return model.eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "mixtral", "phi3"])
+# MoE models: transformers + bitsandbytes leaves fused experts unquantised, lit-qlp does not (test_experts4bit.py).
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3"])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 def test_quantized_pipeline_logits_equal_transformers_bitsandbytes(tiny_model, arch, quant_type, double_quant):
     quantization = Quantization(quant_type, double_quant, torch.float32)
