@@ -205,6 +205,31 @@ class _FilesReadThrough:
         return getattr(self._inner, name)
 
 
+def _checkpoint_engine(engine: Any, caller: str, use: str) -> Any:
+    """``engine``'s checkpoint engine, which ``caller`` replaces for ``use``; a clear error for anything but a
+    ``DeepSpeedEngine`` holding a ``CheckpointEngine`` (or lit_qlp's reading wrapper of one)."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not isinstance(engine, DeepSpeedEngine):
+        raise TypeError(f"{caller} needs a DeepSpeedEngine, got {type(engine).__name__}")
+    original = getattr(engine, "checkpoint_engine", None)
+    if not isinstance(original, CheckpointEngine | _FilesReadThrough):
+        raise _outdated(f"{type(engine).__name__}.checkpoint_engine (a CheckpointEngine)", use)
+    return original
+
+
+@contextmanager
+def _checkpoint_engine_replaced(engine: Any, replacement: Any) -> Iterator[None]:
+    """Puts ``replacement`` in ``engine.checkpoint_engine``'s place while the block runs, the original back after."""
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = replacement
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = original
+
+
 @contextmanager
 def checkpoint_files_read_with(engine: Any, read: Callable[[str, Any], Any]) -> Iterator[None]:
     """While the block runs, every file ``engine.load_checkpoint`` reads is read by ``read(path, map_location)``.
@@ -221,26 +246,18 @@ def checkpoint_files_read_with(engine: Any, read: Callable[[str, Any], Any]) -> 
         engine: A ``DeepSpeedEngine`` (or ``PipelineEngine``) from ``deepspeed.initialize``.
         read: Called with a file's path and DeepSpeed's ``map_location``; returns the unpickled object.
     """
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.pipe.engine import PipelineEngine
     from deepspeed.runtime.state_dict_factory import SDLoaderBase
 
-    if not isinstance(engine, DeepSpeedEngine):
-        raise TypeError(f"checkpoint_files_read_with needs a DeepSpeedEngine, got {type(engine).__name__}")
     use = "to load checkpoints with weights_only=True"
-    original = getattr(engine, "checkpoint_engine", None)
-    if not isinstance(original, CheckpointEngine | _FilesReadThrough):
-        raise _outdated(f"{type(engine).__name__}.checkpoint_engine (a CheckpointEngine)", use)
+    original = _checkpoint_engine(engine, "checkpoint_files_read_with", use)
     _require_call(DeepSpeedEngine, "_load_checkpoint", "checkpoint_engine", use)
     _require_call(SDLoaderBase, "load", "checkpoint_engine", use)
     if isinstance(engine, PipelineEngine):
         _require_call(PipelineEngine, "load_module_state_dict", "checkpoint_engine", use)
-    engine.checkpoint_engine = _FilesReadThrough(original, read)
-    try:
+    with _checkpoint_engine_replaced(engine, _FilesReadThrough(original, read)):
         yield
-    finally:
-        engine.checkpoint_engine = original
 
 
 class FailedWrite:
@@ -290,27 +307,19 @@ def checkpoint_write_failure_kept(engine: Any) -> Iterator[FailedWrite]:
         engine: A ``DeepSpeedEngine`` (or ``PipelineEngine``) from ``deepspeed.initialize``.
     """
     from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
-    if not isinstance(engine, DeepSpeedEngine):
-        raise TypeError(f"checkpoint_write_failure_kept needs a DeepSpeedEngine, got {type(engine).__name__}")
     use = "to make every rank finish a checkpoint save that fails on one"
-    original = getattr(engine, "checkpoint_engine", None)
-    if not isinstance(original, CheckpointEngine | _FilesReadThrough):
-        raise _outdated(f"{type(engine).__name__}.checkpoint_engine (a CheckpointEngine)", use)
+    original = _checkpoint_engine(engine, "checkpoint_write_failure_kept", use)
     _require_call(DeepSpeedEngine, "save_checkpoint", "checkpoint_engine", use)
     _require_call(DeepSpeedEngine, "_save_checkpoint", "checkpoint_engine", use)
     if isinstance(engine, PipelineEngine):
         _require_call(PipelineEngine, "module_state_dict", "checkpoint_engine", use)
         _require_call(PipelineModule, "save_state_dict", "save", use)
     failed = FailedWrite(original)
-    engine.checkpoint_engine = failed
-    try:
+    with _checkpoint_engine_replaced(engine, failed):
         yield failed
-    finally:
-        engine.checkpoint_engine = original
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lit_qlp.compat.deepspeed import checkpoint_files_read_with, checkpoint_write_failure_kept
+from lit_qlp.strategies.retention import complete_checkpoints
 
 
 def save_engine_checkpoint(strategy: Any, checkpoint: dict[str, Any], filepath: Path) -> None:
@@ -95,7 +96,8 @@ def write_failure(error: Exception, path: Path, rank: int, partial: Path) -> Wri
     """Measures, before ``partial`` is deleted, what the error message of a failed write reports."""
     directory = partial.parent
     written = directory_size(partial)
-    previous = newest_checkpoint(directory)
+    complete = complete_checkpoints(directory)
+    previous = complete[-1] if complete else None
     previous_size = directory_size(previous) if previous is not None else 0
     try:
         free = shutil.disk_usage(directory).free
@@ -166,12 +168,6 @@ def directory_size(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
-
-
-def newest_checkpoint(directory: Path) -> Path | None:
-    """The most recently written complete checkpoint directory in ``directory`` (one with DeepSpeed's ``latest``)."""
-    complete = [p for p in directory.glob("*.ckpt") if not p.is_symlink() and (p / "latest").is_file()]
-    return max(complete, key=lambda p: (p / "latest").stat().st_mtime, default=None)
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
