@@ -8,8 +8,10 @@
 
 Builds a model of the given shape with random weights (throughput and memory do not depend on the values) and
 saves it to ``--model-dir``, then runs each mode in a fresh process so that peak memory is its own. With
-``--random-weights`` only the config is written and lit_qlp fills each stage's weights on its own device
-(``random_weights``): for shapes whose checkpoint would not fit the disk (lit modes only).
+``--random-weights`` only the config is written: lit_qlp fills each stage's weights on its own device
+(``random_weights``) and the hf modes build the model from the config on the device (the QLoRA ones then
+quantise its linear layers in memory, as transformers' loader does): for shapes whose checkpoint would not fit
+the disk, such as qwen3-30b-a3b (61 GB in bf16).
 
 ``--devices N --pipeline-stages S`` runs the lit modes in N processes, S pipeline stages × N/S data-parallel
 replicas; tokens/s then counts every replica's sequences, and the peak memory of each process is reported. With
@@ -26,17 +28,23 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-full``: full fine-tuning, bf16 weights, optimi Adam with Kahan summation.
 - ``lit-lora-fast`` / ``lit-qlora-fast``: the low-rank path computed in bf16 (LoRA's ``compute_in_weight_dtype:
   false``).
+- ``lit-qlora-attn`` (MoE): LoRA on the attention projections only, the experts frozen in 4-bit;
+  ``lit-qlora-expert-r2``: rank-2 pairs on the fused expert tensors (LoRA's ``expert_rank``), ``--rank`` elsewhere.
 - ``lit-lora-compile`` / ``lit-qlora-compile``: the fast path with each decoder layer under ``torch.compile``
   (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload``
   ``activation_offload``.
 
-Hugging Face baselines (one optimizer step per sequence, non-reentrant activation checkpointing, AdamW, SDPA):
+Hugging Face baselines (``--micro-batches`` sequences of micro-batch 1 per optimizer step, non-reentrant
+activation checkpointing, AdamW, SDPA; on MoE shapes LoRA also on the fused expert tensors through PEFT's
+``target_parameters``, as lit_qlp's ``all-linear`` does):
 
 - ``hf-lora``: PEFT LoRA (alpha = r) on a bf16 base.
 - ``hf-qlora``: PEFT LoRA on an nf4 double-quantised base with bf16 compute, without the float32 upcast of
   ``prepare_model_for_kbit_training`` (the fastest QLoRA of ../shared/gpu/README.md).
 - ``hf-qlora-kbit``: the usual recipe, with ``prepare_model_for_kbit_training``.
 - ``hf-full``: all weights in bf16, torch AdamW.
+- ``hf-qlora-attn`` / ``hf-qlora-expert-r2`` (MoE): LoRA on the attention projections only / rank-2 pairs on the
+  experts (PEFT's ``rank_pattern``), the baselines of ``lit-qlora-attn`` / ``lit-qlora-expert-r2``.
 
 Prints one table: mode, seq, tokens/s (median step after warm-up), peak GPU memory
 (``torch.cuda.max_memory_allocated``), ratio to the HF baseline of the same kind, and the fraction of the physical
@@ -102,6 +110,22 @@ SHAPES = {
         vocab_size=151936,
         max_position_embeddings=40960,
         rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+    # A two-layer Qwen3-MoE for a smoke run of the MoE modes anywhere.
+    "tiny-moe": dict(
+        model_type="qwen3_moe",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=512,
+        max_position_embeddings=1024,
         tie_word_embeddings=False,
     ),
     "tiny": dict(
@@ -217,22 +241,90 @@ def lit_trainer(device: str, strategy, max_steps: int, callbacks: list, devices:
     )
 
 
+def fused_experts(model) -> list[str]:
+    """PEFT ``target_parameters`` entries for a model's fused expert tensors (3-D parameters under ``.experts.``),
+    e.g. ``["experts.down_proj", "experts.gate_up_proj"]``; empty for a dense model."""
+    names = {n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n}
+    return sorted({"experts." + n.rsplit(".", 1)[1] for n in names})
+
+
+def quantize_linears(model, device: str) -> None:
+    """What transformers' bitsandbytes loader does to a model it quantises, done to one already in memory: every
+    ``nn.Linear`` but the LM head becomes an nf4 double-quant ``Linear4bit`` with bf16 compute. Fused expert
+    tensors are parameters, not ``nn.Linear``, so they stay in bf16, as transformers leaves them."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            quantized = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                quant_type="nf4",
+                compress_statistics=True,
+                device="meta",
+            )
+            quantized.weight = bnb.nn.Params4bit(
+                child.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+            ).to(device)
+            if child.bias is not None:
+                quantized.bias = child.bias
+            setattr(parent, name, quantized)
+            del child
+    torch.cuda.empty_cache()
+
+
+def hf_lora_options(model, mode: str, rank: int) -> dict:
+    """PEFT ``LoraConfig`` keywords of an hf LoRA mode: lit_qlp's ``all-linear`` (every linear layer but the LM
+    head, and on MoE models the fused expert tensors as ``target_parameters``), attention only for
+    ``hf-qlora-attn``, rank-2 expert pairs for ``hf-qlora-expert-r2``; alpha = r, no dropout."""
+    lora = dict(target_modules="all-linear", target_parameters=fused_experts(model))
+    if lora["target_parameters"]:
+        # PEFT 0.21's "all-linear" beside target_parameters also adapts Qwen3-MoE's router and doubles the
+        # gate_up_proj rank: name the linear layers as lit_qlp's all-linear takes them instead.
+        head = model.get_output_embeddings()
+        linears = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
+        lora["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    if mode == "hf-qlora-attn":
+        lora = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=[])
+    elif mode == "hf-qlora-expert-r2":
+        lora |= dict(rank_pattern=dict.fromkeys(lora["target_parameters"], 2))
+        lora |= dict(alpha_pattern=lora["rank_pattern"])
+    return dict(r=rank, lora_alpha=rank, lora_dropout=0.0, **lora)
+
+
 def run_hf(args, mode: str) -> dict:
-    """transformers (+ PEFT), one optimizer step per sequence; median step time after warm-up."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """transformers (+ PEFT), ``--micro-batches`` sequences per optimizer step; median step time after warm-up.
+    With ``--random-weights`` the model is built from its config on the device (random bf16 weights) and, for
+    the QLoRA modes, quantised in memory as transformers' loader would (``quantize_linears``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     device = args.device
-    kwargs = {}
-    if mode.startswith("hf-qlora"):
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+    qlora = mode.startswith("hf-qlora")
+    if args.random_weights:
+        config = AutoConfig.from_pretrained(args.model_dir)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        if qlora:
+            quantize_linears(model, device)
+    else:
+        kwargs = {}
+        if qlora:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device, **kwargs
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device, **kwargs
-    )
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, in which transformers skips activation checkpointing
     if mode == "hf-qlora-kbit":
@@ -247,23 +339,28 @@ def run_hf(args, mode: str) -> dict:
     if mode != "hf-full":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules="all-linear")
-        )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        model = get_peft_model(model, LoraConfig(**hf_lora_options(model, mode, args.rank)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
     vocab = model.config.vocab_size
     times = []
     for _ in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab, (1, args.seq), device=device)
         synchronize(device)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        for _ in range(args.micro_batches):
+            ids = torch.randint(0, vocab, (1, args.seq), device=device)
+            (model(input_ids=ids, labels=ids).loss / args.micro_batches).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times[args.warmup :])
-    return {"tokens_per_s": args.seq / step, "peak_gib": peak_memory(device)}
+    return {
+        "tokens_per_s": args.micro_batches * args.seq / step,
+        "peak_gib": peak_memory(device),
+        "step_s": step,
+        "trainable": sum(p.numel() for p in params),
+    }
 
 
 FAST = dict(compute_in_weight_dtype=False)
@@ -282,6 +379,8 @@ LIT_MODES = {
     "lit-lora-compile-offload": dict(training="lora", **FAST, compile_layers=True, activation_offload=True),
     # MoE: LoRA on the attention projections only (the experts frozen in 4-bit).
     "lit-qlora-attn": dict(training="qlora", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    # MoE: rank-2 pairs on the experts (--rank on the linear layers).
+    "lit-qlora-expert-r2": dict(training="qlora", expert_rank=2),
 }
 """Each lit mode: ``training`` (lora: LoRA on a bf16 base; qlora: LoRA on an nf4 double-quant base; full), the
 LoRA's ``compute_in_weight_dtype``, the strategy's activation options and the module's other options."""
@@ -295,7 +394,7 @@ def lit_module_options(options: dict, rank: int) -> tuple[dict, dict]:
     options = dict(options)
     training = options.pop("training")
     strategy = {k: options.pop(k) for k in ("activation_checkpointing", "activation_offload") if k in options}
-    lora = {k: options.pop(k) for k in ("compute_in_weight_dtype", "target_modules") if k in options}
+    lora = {k: options.pop(k) for k in ("compute_in_weight_dtype", "target_modules", "expert_rank") if k in options}
     if training == "full":
         options["method"] = FullFineTuning()
     else:
@@ -383,18 +482,24 @@ def run_lit(args, mode: str) -> dict:
         "peak_gib": max(peak for peak, _ in timer.per_process),
         "peak_gib_per_process": [peak for peak, _ in timer.per_process],
         "step_s": step,
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
     }
     if args.profile:  # per pipeline stage: how busy its GPU was in one step
         result["kernel_s_per_process"] = [busy for _, busy in timer.per_process]
     return result
 
 
+HF_MODES = ("hf-lora", "hf-qlora", "hf-qlora-kbit", "hf-full", "hf-qlora-attn", "hf-qlora-expert-r2")
 RUNNERS = {
     **{mode: functools.partial(run_lit, mode=mode) for mode in LIT_MODES},
-    **{mode: functools.partial(run_hf, mode=mode) for mode in ("hf-lora", "hf-qlora", "hf-qlora-kbit", "hf-full")},
+    **{mode: functools.partial(run_hf, mode=mode) for mode in HF_MODES},
 }
 # Each lit mode against the HF baseline of its training mode; the usual QLoRA recipe against the fastest one.
-BASELINE = {mode: f"hf-{options['training']}" for mode, options in LIT_MODES.items()} | {"hf-qlora-kbit": "hf-qlora"}
+BASELINE = {mode: f"hf-{options['training']}" for mode, options in LIT_MODES.items()} | {
+    "hf-qlora-kbit": "hf-qlora",
+    "lit-qlora-attn": "hf-qlora-attn",
+    "lit-qlora-expert-r2": "hf-qlora-expert-r2",
+}
 
 
 def main() -> None:
@@ -422,7 +527,8 @@ def main() -> None:
     parser.add_argument(
         "--random-weights",
         action="store_true",
-        help="write only the config; lit_qlp fills random weights on each stage's device (lit modes only)",
+        help="write only the config; lit_qlp fills random weights on each stage's device, the hf modes build the "
+        "model from the config on the device",
     )
     parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -440,8 +546,6 @@ def main() -> None:
     unknown = [m for m in modes if m not in RUNNERS]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {sorted(RUNNERS)}")
-    if args.random_weights and any(m.startswith("hf-") for m in modes):
-        parser.error("--random-weights: the hf-* modes read a saved checkpoint; run them without it")
     build_model(args.shape, args.model_dir, args.device, config_only=args.random_weights)
     flops = matmul_flops(args.device)
     limit = flops / (6 * linear_parameters(args.model_dir))
@@ -464,11 +568,14 @@ def main() -> None:
         f"\nshape {args.shape}, seq {args.seq}, LoRA r={args.rank}, matmul {flops / 1e12:.0f} TFLOP/s, "
         f"limit {limit:,.0f} tokens/s per GPU" + (f"; lit modes: {layout}" if args.devices > 1 else "")
     )
-    print("| mode | seq | tokens/s | peak GPU memory (GiB) | vs baseline | of physical limit | peak per process |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| mode | seq | tokens/s | peak GPU memory (GiB) | vs baseline | of physical limit | peak per process "
+        "| trainable |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode, r in results.items():
         if "error" in r:
-            print(f"| {mode} | {args.seq} | failed: {r['error']} | | | | |")
+            print(f"| {mode} | {args.seq} | failed: {r['error']} | | | | | |")
             continue
         base = results.get(BASELINE.get(mode, ""))
         base = base if base and "error" not in base else None
@@ -477,7 +584,7 @@ def main() -> None:
         peaks = ", ".join(f"{p:.2f}" for p in r.get("peak_gib_per_process", [r["peak_gib"]]))
         print(
             f"| {mode} | {args.seq} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} | "
-            f"{r['tokens_per_s'] / (limit * gpus):.1%} | {peaks} |"
+            f"{r['tokens_per_s'] / (limit * gpus):.1%} | {peaks} | {r.get('trainable', 0):,} |"
         )
     for mode, r in results.items():
         if r.get("kernel_s_per_process"):

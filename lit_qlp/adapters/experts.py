@@ -3,9 +3,11 @@
 transformers 5.x holds the experts of a layer as 3-D parameters of one experts module (``mlp.experts.gate_up_proj``
 [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I], used as ``F.linear(x, W[e])``; gpt-oss stores them transposed,
 [E, H, 2I] and [E, I, H], and says so with ``is_transposed``). ``ExpertLora`` adapts such a parameter as a torch
-parametrization, so the experts module's own forward (eager loop, grouped or batched matmul) sees the adapted
-weight; it chains after any earlier parametrization of the same tensor (the 4-bit base's dequantisation), taking
-whatever that yields as ``W``.
+parametrization, so any experts forward (transformers' eager loop, grouped or batched matmul) that reads the tensor
+sees the adapted weight; it chains after any earlier parametrization of the same tensor (the 4-bit base's
+dequantisation), taking whatever that yields as ``W``. lit_qlp's own experts forward (``lit_qlp.models.experts``)
+reads the pair apart instead and adds ``s · (x A_eᵀ) B_eᵀ`` to each row, which is the same product without forming
+the [E, out, in] update.
 
 The factors are stored as PEFT's ``ParamWrapper`` stores them, so they save under PEFT's keys unchanged and the
 first step equals PEFT's ``target_parameters`` LoRA: ``lora_A`` [r·E, in] and ``lora_B`` [out, r·E], where the

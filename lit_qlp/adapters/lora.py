@@ -125,6 +125,8 @@ class LoraAdapter:
         target_parameters: Fused expert tensors that get LoRA (``experts.gate_up_proj``; a name selects a tensor of
             that qualified name or ending in ``.name``). They take no dropout; PEFT's key nesting follows
             ``FUSED_EXPERT_ORDER``.
+        expert_rank: Rank of the pairs on fused expert tensors; None: ``rank``.
+        expert_alpha: Their scale numerator; None: ``alpha``.
     """
 
     def __init__(
@@ -139,8 +141,12 @@ class LoraAdapter:
         compute_in_input_dtype: bool = False,
         use_rslora: bool = False,
         target_parameters: Sequence[str] = (),
+        expert_rank: int | None = None,
+        expert_alpha: float | None = None,
     ) -> None:
         self.target_parameters = list(target_parameters)
+        self.expert_rank = rank if expert_rank is None else expert_rank
+        self.expert_alpha = alpha if expert_alpha is None else expert_alpha
         self.compute_in_input_dtype = compute_in_input_dtype
         self.use_rslora = use_rslora
         self.rank = rank
@@ -197,8 +203,8 @@ class LoraAdapter:
                     module,
                     tensor_name,
                     tensors[f"{module_name}.{tensor_name}"],
-                    self.rank,
-                    self.alpha,
+                    self.expert_rank,
+                    self.expert_alpha,
                     self.dtype,
                     generator,
                     use_rslora=self.use_rslora,

@@ -1,6 +1,6 @@
 """What lit_qlp relies on of transformers beyond its public API: the causal-LM class of a config, its SDPA support,
-the attention implementation of a config, a model's weight initialisation of one submodule, and the KV-cache keyword
-of the mask functions.
+the attention implementation of a config, a model's weight initialisation of one submodule, the KV-cache keyword
+of the mask functions, and the registry and gate of fused MoE experts.
 
 transformers is imported inside the functions.
 """
@@ -70,6 +70,30 @@ def set_attn_implementation(config: PretrainedConfig, name: str) -> None:
     config._attn_implementation = name
 
 
+def register_experts_implementation(name: str, forward: Callable) -> None:
+    """Registers ``forward(experts, hidden_states, top_k_index, top_k_weights)`` as experts implementation ``name``,
+    which ``from_config(..., experts_implementation=name)`` then selects for every ``@use_experts_implementation``
+    experts module (``ExpertsInterface.register``)."""
+    from transformers.integrations import moe
+
+    interface = getattr(moe, "ExpertsInterface", None)
+    if interface is None or not hasattr(interface, "register"):
+        raise _outdated("integrations.moe.ExpertsInterface.register", "to run fused experts with its own forward")
+    interface.register(name, forward)
+
+
+def experts_activation(experts: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What an experts module applies between its up and down projections: its gate on the [.., 2I] gate-and-up
+    output (``_apply_gate``: SiLU-and-multiply, or gpt-oss's clamped GLU on interleaved rows) when it has one
+    (``has_gate``), else its activation (``act_fn``)."""
+    if not getattr(experts, "has_gate", True):
+        return experts.act_fn
+    gate = getattr(experts, "_apply_gate", None)
+    if gate is None:
+        raise _outdated(f"{type(experts).__name__}._apply_gate", "to gate the experts' up projection")
+    return gate
+
+
 def init_weights(model: PreTrainedModel, module: nn.Module) -> None:
     """Initialises ``module`` (a submodule of ``model``) as ``model`` initialises its own submodules.
 
@@ -100,8 +124,10 @@ def mask_cache_keyword(mask_function: Callable) -> str:
 
 __all__ = [
     "causal_lm_class",
+    "experts_activation",
     "init_weights",
     "mask_cache_keyword",
+    "register_experts_implementation",
     "set_attn_implementation",
     "supports_sdpa",
 ]

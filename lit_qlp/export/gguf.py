@@ -162,11 +162,12 @@ def _llama_cpp_alpha(adapter: LoraAdapterFile) -> float:
     """The one ``adapter.lora.alpha`` that reproduces every pair's PEFT scale: llama.cpp scales by alpha / r, r
     read from lora_b, so alpha = scale · r (``alpha · sqrt(r)`` for rsLoRA)."""
     alphas = {scale * adapter.pairs[module][1].shape[-1] for module, scale in adapter.scales.items()}
-    alphas |= {scale * adapter.config["r"] for scale in adapter.expert_scales.values()}  # each expert has rank r
+    alphas |= {scale * adapter.expert_ranks[name] for name, scale in adapter.expert_scales.items()}  # r per expert
     if max(alphas) - min(alphas) > 1e-6 * max(abs(a) for a in alphas):
         raise ValueError(
             f"{adapter.directory}: the pairs' scales need alphas {sorted(alphas)}, but a llama.cpp adapter has one "
-            "adapter.lora.alpha (scaled by 1 / r); retrain with one rank, or without use_rslora"
+            "adapter.lora.alpha (scaled by 1 / r); retrain with one rank (LoRA's expert_rank unset), or without "
+            "use_rslora, or merge the adapter (tools/merge_lora.py) and convert the merged model"
         )
     return max(alphas)
 
@@ -235,11 +236,10 @@ def _split_fused_experts(
             "exporter); merge the adapter into the base model (tools/merge_lora.py) and convert the merged model "
             "with llama.cpp's convert_hf_to_gguf.py"
         )
-    rank = adapter.config["r"]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (a, b) in adapter.expert_pairs.items():
         stem = (name.rsplit(".experts.", 1)[0] + ".").replace(legacy.fused_block, legacy.block)[:-1]
-        a_e, b_e = expert_factors(a.float(), b.float(), a.shape[0] // rank)
+        a_e, b_e = expert_factors(a.float(), b.float(), a.shape[0] // adapter.expert_ranks[name])
         if name.endswith("gate_up_proj"):
             rows = b_e.shape[1] // 2
             projections = ((legacy.gate, slice(0, rows)), (legacy.up, slice(rows, 2 * rows)))

@@ -154,7 +154,9 @@ def merge_lora(base_dir: Path, adapter_dir: Path, output_dir: Path, scale: float
                 piece, weight = pieces[key], tensors[key]
                 factor = scale * adapter.expert_scales[piece.tensor]
                 pair = adapter.expert_pairs[piece.tensor]
-                update = expert_piece_update(piece, pair, adapter.config["r"], transposed[piece.tensor], weight.shape)
+                update = expert_piece_update(
+                    piece, pair, adapter.expert_ranks[piece.tensor], transposed[piece.tensor], weight.shape
+                )
                 if update.shape != weight.shape:
                     raise ValueError(
                         f"{key}: the adapter's update is {tuple(update.shape)} but the weight is {tuple(weight.shape)}"

@@ -7,7 +7,8 @@ The reader takes what both consumers reproduce exactly: plain LoRA pairs on line
 ``scale · B A`` to its weight with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), and
 LoRA on fused MoE expert tensors (``target_parameters``), adding ``scale · B_e A_e`` to each expert's matrix. It
 refuses, with a ValueError naming the file and the key, every PEFT setting or tensor that changes that sum: another
-``peft_type``, the LoRA variants (DoRA, aLoRA, QA-LoRA, ...), per-module ranks or alphas, ``modules_to_save``,
+``peft_type``, the LoRA variants (DoRA, aLoRA, QA-LoRA, ...), per-module ranks or alphas (except on fused expert
+tensors: ``rank_pattern`` / ``alpha_pattern`` keys naming ``experts.gate_up_proj`` and such), ``modules_to_save``,
 biases, transposed (``fan_in_fan_out``) base weights, embedding LoRA and incomplete or mis-shaped pairs.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +49,13 @@ class Refusal(NamedTuple):
 # adapter_config.json key -> why an adapter setting it is not a plain LoRA. A new PEFT feature is a new row.
 REFUSED_SETTINGS: dict[str, Refusal] = {
     "use_dora": Refusal("DoRA adapters rescale each weight by a learned magnitude vector", "train a plain LoRA"),
-    "rank_pattern": Refusal("gives modules their own rank", f"retrain with one r, or {MERGE_ADVICE}"),
-    "alpha_pattern": Refusal("gives modules their own lora_alpha", f"retrain with one lora_alpha, or {MERGE_ADVICE}"),
+    "rank_pattern": Refusal(
+        "gives modules other than fused expert tensors their own rank", f"retrain with one r, or {MERGE_ADVICE}"
+    ),
+    "alpha_pattern": Refusal(
+        "gives modules other than fused expert tensors their own lora_alpha",
+        f"retrain with one lora_alpha, or {MERGE_ADVICE}",
+    ),
     "modules_to_save": Refusal(
         "saves full copies of modules beside the LoRA pairs", f"retrain without modules_to_save, or {MERGE_ADVICE}"
     ),
@@ -74,6 +81,24 @@ REFUSED_SETTINGS: dict[str, Refusal] = {
 # saves as ``<module>.lora_A.weight``, the one before it as ``<module>.base_layer.lora_A.weight``, and so on.
 FUSED_EXPERT_ORDER = ("gate_up_proj", "down_proj")
 BASE_LAYER = "base_layer."
+# The per-tensor settings this reader takes when every key names a fused expert tensor (``experts.gate_up_proj``).
+EXPERT_PATTERNS = ("rank_pattern", "alpha_pattern")
+
+
+def pattern_key(patterns: Sequence[str], name: str) -> str | None:
+    """The first of ``patterns`` that selects ``name``, as PEFT matches ``rank_pattern`` and ``alpha_pattern`` keys
+    (``peft.utils.other.get_pattern_key``: the key as a regex, matching ``name`` or a dotted suffix of it)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def names_expert_tensor(key: str) -> bool:
+    """Whether a ``rank_pattern`` key names a fused expert tensor (``experts.down_proj``, ``model.layers.2.mlp.
+    experts.down_proj``): a module and one of ``FUSED_EXPERT_ORDER``."""
+    module, _, tensor = key.rpartition(".")
+    return bool(module) and tensor in FUSED_EXPERT_ORDER
 
 
 def expert_factors(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +147,8 @@ def peft_adapter_config(
     layers_to_transform: Sequence[int] | None,
     use_rslora: bool = False,
     target_parameters: Sequence[str] = (),
+    expert_rank: int | None = None,
+    expert_alpha: float | None = None,
 ) -> dict:
     """A PEFT ``adapter_config.json`` for a LoRA adapter.
 
@@ -136,6 +163,10 @@ def peft_adapter_config(
         target_parameters: Fused expert tensors with LoRA (``experts.gate_up_proj``, or qualified names such as
             ``model.layers.1.mlp.experts.gate_up_proj``: PEFT does not apply ``layers_to_transform`` to them);
             written only when there are some.
+        expert_rank: The rank of the ``target_parameters`` pairs, when it is not ``rank``: written as
+            ``rank_pattern`` keyed by the ``target_parameters`` entries (PEFT matches those keys against the
+            ``<module>.<tensor>`` name of each wrapped tensor, as it does module names).
+        expert_alpha: Their ``lora_alpha``, when it is not ``alpha``: written as ``alpha_pattern`` the same way.
     """
     config = {
         "peft_type": LORA_PEFT_TYPE,
@@ -156,6 +187,10 @@ def peft_adapter_config(
     }
     if target_parameters:
         config["target_parameters"] = list(target_parameters)
+        if expert_rank is not None and expert_rank != rank:
+            config["rank_pattern"] = dict.fromkeys(target_parameters, expert_rank)
+        if expert_alpha is not None and expert_alpha != alpha:
+            config["alpha_pattern"] = dict.fromkeys(target_parameters, expert_alpha)
     return config
 
 
@@ -183,6 +218,8 @@ class LoraAdapterFile:
             (``model.layers.0.mlp.experts.gate_up_proj``), PEFT's ``(lora_A, lora_B)``: [r·E, in] and [out, r·E]
             (``expert_factors`` splits them by expert; ``expert_delta`` forms the update).
         expert_scales: Per fused expert tensor, the factor of its update.
+        expert_ranks: Per fused expert tensor, the rank r of each expert's pair (``r``, or its ``rank_pattern``
+            entry).
     """
 
     directory: Path
@@ -191,6 +228,7 @@ class LoraAdapterFile:
     scales: dict[str, float]
     expert_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     expert_scales: dict[str, float] = field(default_factory=dict)
+    expert_ranks: dict[str, int] = field(default_factory=dict)
 
 
 def read_lora_config(directory: Path) -> dict:
@@ -212,6 +250,9 @@ def read_lora_config(directory: Path) -> dict:
         )
     for key, refusal in REFUSED_SETTINGS.items():
         value = config.get(key)
+        if key in EXPERT_PATTERNS and isinstance(value, dict) and all(names_expert_tensor(k) for k in value):
+            check_expert_pattern(path, key, value)
+            continue
         if value and value != refusal.default:
             raise ValueError(
                 f"{path}: {key}={value!r}: {refusal.what}, which plain LoRA pairs cannot reproduce; {refusal.advice}"
@@ -223,6 +264,17 @@ def read_lora_config(directory: Path) -> dict:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise ValueError(f"{path}: lora_alpha={alpha!r} is not a number; set the alpha the adapter was trained with")
     return config
+
+
+def check_expert_pattern(path: Path, key: str, pattern: dict) -> None:
+    """Raises ValueError unless every value of an expert ``rank_pattern`` is a positive integer (of an
+    ``alpha_pattern``, a number)."""
+    wanted = "a positive integer" if key == "rank_pattern" else "a number"
+    for name, value in pattern.items():
+        if isinstance(value, bool) or not isinstance(value, int if key == "rank_pattern" else (int, float)):
+            raise ValueError(f"{path}: {key}[{name!r}]={value!r} is not {wanted}")
+        if key == "rank_pattern" and value < 1:
+            raise ValueError(f"{path}: {key}[{name!r}]={value!r} is not {wanted}")
 
 
 def split_lora_key(key: str) -> tuple[str, str] | None:
@@ -355,10 +407,13 @@ def split_expert_pairs(
     return linear, experts
 
 
-def check_expert_pairs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, weights_path: Path) -> None:
-    """Raises ValueError unless every expert pair is ``lora_A`` [r·E, in] and ``lora_B`` [out, r·E] with the
-    config's ``r``."""
+def check_expert_pairs(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int], weights_path: Path
+) -> None:
+    """Raises ValueError unless every expert pair is ``lora_A`` [r·E, in] and ``lora_B`` [out, r·E] with its
+    rank (the config's ``r`` or ``rank_pattern`` entry)."""
     for name, (a, b) in pairs.items():
+        rank = ranks[name]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] % rank:
             raise ValueError(
                 f"{weights_path}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; a fused expert "
@@ -389,14 +444,27 @@ def read_lora_adapter(directory: Path) -> LoraAdapterFile:
         )
     tensors = load_file(weights_path)
     tensors, experts = split_expert_pairs(tensors, config.get("target_parameters") or [], weights_path)
-    check_expert_pairs(experts, config["r"], weights_path)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    ranks, alphas = {}, {}
+    for name in experts:
+        r_key, alpha_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+        ranks[name] = config["r"] if r_key is None else rank_pattern[r_key]
+        alphas[name] = config["lora_alpha"] if alpha_key is None else alpha_pattern[alpha_key]
+    check_expert_pairs(experts, ranks, weights_path)
     pairs = lora_pairs(tensors, config["r"], weights_path)
+    for module in pairs:
+        for key, pattern in zip(EXPERT_PATTERNS, (rank_pattern, alpha_pattern)):
+            if pattern_key(pattern, module) is not None:
+                raise ValueError(
+                    f"{weights_path.parent / ADAPTER_CONFIG}: {key} key {pattern_key(pattern, module)!r} also selects "
+                    f"the linear layer {module}; {REFUSED_SETTINGS[key].advice}"
+                )
     if not pairs and not experts:
         raise ValueError(f"{weights_path} holds no LoRA pairs (no *.lora_A.weight keys)")
-    scale = lora_scaling(config["lora_alpha"], config["r"], bool(config.get("use_rslora")))
-    return LoraAdapterFile(
-        directory, config, pairs, dict.fromkeys(pairs, scale), experts, dict.fromkeys(experts, scale)
-    )
+    rslora = bool(config.get("use_rslora"))
+    scale = lora_scaling(config["lora_alpha"], config["r"], rslora)
+    expert_scales = {name: lora_scaling(alphas[name], ranks[name], rslora) for name in experts}
+    return LoraAdapterFile(directory, config, pairs, dict.fromkeys(pairs, scale), experts, expert_scales, ranks)
 
 
 __all__ = [

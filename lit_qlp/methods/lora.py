@@ -49,6 +49,10 @@ class LoRA(TrainingMethod):
             named with its module, ``experts.gate_up_proj`` and ``experts.down_proj`` (a bare ``down_proj`` selects
             linear layers only); its LoRA is PEFT's ``target_parameters`` LoRA (one rank-r pair per expert) and
             takes no dropout.
+        expert_rank: Rank of the LoRA pairs on fused expert tensors only (one pair per expert, ``r·E·(in + out)``
+            parameters per tensor); unset: ``rank``. Their alpha is ``expert_rank``, as ``rank`` is the linear
+            pairs' alpha, so both scales are 1 (``sqrt`` of their rank with ``use_rslora``); the export writes it
+            as PEFT's ``rank_pattern`` and ``alpha_pattern`` on the ``experts.*`` tensors.
         layers_to_transform: Decoder layers that get adapters, e.g. "0:31", "0:10,20:25,30" or "1,3,5" (inclusive
             ranges); all layers when unset.
         use_rslora: Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` = ``sqrt(r)`` instead of ``alpha / r`` = 1
@@ -66,6 +70,7 @@ class LoRA(TrainingMethod):
         rank: int = 64,
         dropout: float = 0.0,
         target_modules: str | list[str] = ALL_LINEAR,
+        expert_rank: int | None = None,
         layers_to_transform: str | None = None,
         use_rslora: bool = False,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -74,7 +79,15 @@ class LoRA(TrainingMethod):
     ) -> None:
         super().__init__(layers_to_transform)
         check_adapter_options(rank, dropout, weight_dtype, weight_decay)
+        if expert_rank is not None and (
+            not isinstance(expert_rank, int) or isinstance(expert_rank, bool) or expert_rank < 1
+        ):
+            raise ValueError(
+                f"model.method.expert_rank={expert_rank!r} is not a positive integer; set the rank of the fused "
+                "expert tensors' LoRA pairs, or leave it unset for model.method.rank"
+            )
         self.rank = rank
+        self.expert_rank = rank if expert_rank is None else expert_rank
         self.dropout = dropout
         self.target_modules = target_modules
         self.use_rslora = use_rslora
@@ -139,6 +152,8 @@ class LoRA(TrainingMethod):
             compute_in_input_dtype=not self.compute_in_weight_dtype,
             use_rslora=self.use_rslora,
             target_parameters=self.expert_targets(source),
+            expert_rank=self.expert_rank,
+            expert_alpha=self.expert_rank,
         )
 
     @override
@@ -166,6 +181,8 @@ class LoRA(TrainingMethod):
             target_modules=self.targets(source),
             layers_to_transform=None if every_layer else adapted,
             target_parameters=self.peft_target_parameters(source, adapted, every_layer),
+            expert_rank=self.expert_rank,
+            expert_alpha=self.expert_rank,
         )
         if self.use_rslora:
             config["use_rslora"] = True

@@ -2,15 +2,15 @@
 dequantised at once inside the experts' forward.
 
 transformers 5.x holds the experts of a layer as 3-D parameters (``mlp.experts.gate_up_proj`` [E, 2I, H] and
-``down_proj`` [E, H, I]; gpt-oss stores them transposed), multiplied by the experts module's implementation
-(transformers' ``use_experts_implementation``: "grouped_mm", its default, runs ``torch._grouped_mm`` over all
-experts). Each such parameter becomes a torch parametrization (``torch.nn.utils.parametrize``) whose ``original`` is
-the packed 4-bit data of every expert, [E, bytes] in uint8 and frozen; reading ``experts.gate_up_proj`` dequantises
-all experts into the [E, ., .] tensor in the compute dtype, with one bitsandbytes kernel call. Nothing else of the
-experts module changes, so transformers' grouped matmul runs on the dequantised tensor. It reads each weight once per
-forward, so each is dequantised once per forward (and once more when activation checkpointing recomputes the layer in
-the backward pass); no dequantised copy outlives the layer's computation. A later parametrization on the same tensor
-(LoRA on the experts) chains after this one and receives the dequantised weight.
+``down_proj`` [E, H, I]; gpt-oss stores them transposed), multiplied by the experts implementation the config names
+(lit_qlp's ``lit_qlp.models.experts``: grouped matmuls over tokens sorted by expert). Each such parameter becomes a
+torch parametrization (``torch.nn.utils.parametrize``) whose ``original`` is the packed 4-bit data of every expert,
+[E, bytes] in uint8 and frozen; evaluating it dequantises all experts into the [E, ., .] tensor in the compute dtype,
+with one bitsandbytes kernel call. The experts forward reads each weight once per forward, so each is dequantised
+once per forward (and once more when activation checkpointing recomputes the layer in the backward pass); no
+dequantised copy outlives the layer's computation. A later parametrization on the same tensor chains after this one
+and receives the dequantised weight (LoRA on the experts is one, which lit_qlp's forward applies to the activations
+instead, after this dequantisation).
 
 Imported only when QLoRA is used (it imports bitsandbytes).
 """

@@ -29,6 +29,7 @@ from lit_qlp.compat.transformers import (
     supports_sdpa,
 )
 from lit_qlp.formats.hf import CheckpointReader
+from lit_qlp.models.experts import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
 
 
 class StageTensors(NamedTuple):
@@ -133,7 +134,10 @@ class ModelSource:
             attn_implementation = "eager"
         set_attn_implementation(self.config, attn_implementation)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            # Fused MoE experts run lit_qlp's grouped forward (lit_qlp.models.experts); dense models have none.
+            self.skeleton = AutoModelForCausalLM.from_config(
+                self.config, dtype=self.dtype, experts_implementation=EXPERTS_IMPLEMENTATION
+            )
         rotary = getattr(self.skeleton.model, "rotary_emb", None)
         self.quirks = ModelQuirks.from_config(self.config, type(rotary) if rotary is not None else None)
         self.reader = None

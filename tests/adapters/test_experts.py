@@ -86,6 +86,51 @@ def test_export_loads_in_peft_and_gives_lit_qlps_logits(tiny_model, tmp_path, ar
     assert not torch.allclose(logits, base, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_expert_rank_exports_as_peft_patterns_with_lit_qlps_logits_and_merge(tiny_model, tmp_path, arch):
+    from lit_qlp.export.merge import merge_lora
+    from lit_qlp.formats.peft import read_lora_adapter
+
+    model_dir = tiny_model(arch)
+    source = ModelSource(model_dir, dtype="float32")
+    method = LoRA(rank=8, expert_rank=2, target_modules=["q_proj", *EXPERTS])
+    layers, _ = lit_layers(source, method)
+    assert {lora.rank for layer in layers for _, _, lora in expert_loras(layer)} == {2}
+    assert {m.lora_A.weight.shape[0] for layer in layers for m in layer.modules() if isinstance(m, LoraLinear)} == {8}
+    method.export(tmp_path / "adapter", layers, SingleProcessStages(), source)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (8, 8)
+    assert config["rank_pattern"] == config["alpha_pattern"] == dict.fromkeys(EXPERTS, 2)
+    adapter = read_lora_adapter(tmp_path / "adapter")
+    assert set(adapter.expert_ranks.values()) == {2} and set(adapter.expert_scales.values()) == {1.0}
+
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = layers[-1].logits(forward(layers, ids))
+        hf = load_hf(model_dir, source.config._attn_implementation)
+        with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match any targeted module"):
+            # PEFT 0.21 checks pattern keys against module names only, yet applies them to target_parameters.
+            model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+        assert wrappers and {(w.r["default"], w.scaling["default"]) for w in wrappers} == {(2, 1.0)}
+        torch.testing.assert_close(logits, model(input_ids=ids).logits)
+
+        merge_lora(model_dir, tmp_path / "adapter", tmp_path / "merged")
+        ours = load_hf(tmp_path / "merged", source.config._attn_implementation).state_dict()
+        reference = model.merge_and_unload().state_dict()
+    assert sorted(ours) == sorted(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, msg=lambda m: f"{name}: {m}")
+
+
+def test_expert_rank_is_validated():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"model\.method\.expert_rank=.* is not a positive integer"):
+            LoRA(rank=8, expert_rank=bad)
+    assert LoRA(rank=8).expert_rank == 8 and LoRA(rank=8, expert_rank=2).expert_rank == 2
+
+
 def test_export_with_some_layers_names_the_adapted_tensors(tiny_model, tmp_path):
     model_dir = tiny_model("qwen3_moe")
     source = ModelSource(model_dir, dtype="float32")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+from lit_qlp.models.experts import IMPLEMENTATION
 from lit_qlp.models.quantize import Quantization
 from tests.models.test_quantize import hf_quantized, pipeline_logits, quantized_pipeline
 from tests.runs import ROOT, TWO_STAGES, assert_same_losses, fit_args, run_cli, scalars
@@ -109,8 +110,8 @@ def test_4bit_experts_are_stored_packed_with_router_and_biases_in_dtype(tiny_mod
     experts = experts_modules(layers)
     assert len(experts) == len(expert_tensors(hf)) // 2  # gate_up_proj and down_proj of every sparse layer
     for module in experts:
-        # transformers' grouped expert matmul: each weight is read, so dequantised, once per forward.
-        assert module.config._experts_implementation == "grouped_mm"
+        # lit_qlp's grouped experts forward: each weight is read, so dequantised, once per forward.
+        assert module.config._experts_implementation == IMPLEMENTATION
         assert not any(p.dim() == 3 for p in module.parameters(recurse=False))  # no dense copy left
         for name, chain in module.parametrizations.items():
             (dequantize,) = chain
@@ -217,6 +218,42 @@ def test_moe_qlora_training_loss_falls_and_resumes_exactly(tiny_model, corpus, m
 
 
 @pytest.mark.slow
+def test_moe_qlora_export_is_the_trained_expert_lora_in_peft_on_the_4bit_base(tiny_model, corpus, moe_qlora_reference):
+    """The CLI's export of a QLoRA run with LoRA on 4-bit experts (all-linear): PEFT's ``target_parameters``
+    adapter that loads over the reference 4-bit base with every tensor used, and lowers its loss on the training
+    text as the run lowered lit_qlp's."""
+    import json
+
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    (export,) = [d for d in moe_qlora_reference.iterdir() if (d / "adapter_config.json").is_file()]
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+    saved = load_file(export / "adapter_model.safetensors")
+    experts = [k for k in saved if ".experts." in k and "lora_B" in k]
+    assert experts and all(saved[k].abs().max() > 0 for k in experts)  # trained: B starts at zero
+
+    model_dir = tiny_model("qwen3_moe")
+    quantization = Quantization("nf4", True, torch.float32)
+    base = reference_model(model_dir, quantization, "sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:8]]
+    ids = torch.tensor([sum((tokenizer(text)["input_ids"] for text in texts), [])[:64]])
+    with torch.no_grad():
+        base_loss = base(input_ids=ids, labels=ids).loss
+    adapted = peft.PeftModel.from_pretrained(base, export).eval()
+    loaded = {k for k, _ in adapted.named_parameters() if "lora_" in k}
+    assert len(loaded) == len(saved)  # every saved pair has its place in PEFT's model, none is left at its init
+    with torch.no_grad():
+        trained_loss = adapted(input_ids=ids, labels=ids).loss
+    run = scalars(moe_qlora_reference, "train/loss")
+    # The adapter lowers PEFT's loss as the six steps lowered the run's (on other batches: at least half as much).
+    assert base_loss - trained_loss > 0.5 * (run[0] - run[5]) > 0, (float(trained_loss), float(base_loss), run)
+
+
+@pytest.mark.slow
 def test_moe_qlora_across_two_stages_gives_the_same_losses(tiny_model, corpus, moe_qlora_reference, tmp_path):
     run_cli(fit_args(tiny_model("qwen3_moe"), corpus, tmp_path, *QLORA, *TWO_STAGES), ROOT)
     assert_same_losses(tmp_path, scalars(moe_qlora_reference, "train/loss"), 4)
@@ -227,7 +264,7 @@ def test_moe_qlora_across_two_stages_gives_the_same_losses(tiny_model, corpus, m
 def test_4bit_experts_run_grouped_on_gpu_in_bf16_and_equal_the_eager_reference(tiny_model, arch, monkeypatch):
     quantization = Quantization("nf4", True, torch.bfloat16)
     layers = quantized_pipeline(tiny_model(arch), quantization, device="cuda", dtype="bfloat16")
-    assert all(m.config._experts_implementation == "grouped_mm" for m in experts_modules(layers))
+    assert all(m.config._experts_implementation == IMPLEMENTATION for m in experts_modules(layers))
     # The same quantised weights multiplied by transformers' per-expert loop.
     attn = layers[1].config._attn_implementation
     reference = reference_model(tiny_model(arch), quantization, attn, device="cuda", dtype=torch.bfloat16)

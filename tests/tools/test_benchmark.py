@@ -45,3 +45,35 @@ def test_benchmark_runs_two_pipeline_stages_on_random_weights(tmp_path):
     assert "error" not in lit, lit
     assert lit["tokens_per_s"] > 0 and len(lit["peak_gib_per_process"]) == 2
     assert "2 processes, 2 stages (compute)" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["hf-qlora", "hf-qlora-attn", "hf-qlora-expert-r2"])
+def test_hf_baseline_adapts_what_the_lit_mode_adapts_on_moe(tmp_path, mode):
+    """The transformers + PEFT baseline of each MoE mode trains the same parameters as its lit_qlp mode, on the
+    benchmark's own tiny MoE shape: the same count, the same adapted tensors (PEFT 0.21's ``all-linear`` alone
+    would also adapt the router and double the gate_up_proj rank, as transformers 4.x's separate gate and up
+    projections had one pair each)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import benchmark
+
+    from lit_qlp.module import CausalLMModule
+
+    model_dir = tmp_path / "model"
+    benchmark.build_model("tiny-moe", model_dir, "cpu")
+    lit_mode = {"hf-qlora": "lit-qlora"}.get(mode, mode.replace("hf-", "lit-"))
+    options, _ = benchmark.lit_module_options(benchmark.LIT_MODES[lit_mode], rank=4)
+    options.pop("base")  # the count does not depend on the base's storage
+    module = CausalLMModule(model_dir, dtype="float32", **options)
+    spec = module.pipeline_spec(torch.device("cpu"), pipeline_stages=1)
+    layers = torch.nn.ModuleList([layer.build() for layer in spec.layers])  # one stage, as DeepSpeed builds it
+    lit = sum(p.numel() for p in layers.parameters() if p.requires_grad)
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = peft.get_peft_model(hf, peft.LoraConfig(**benchmark.hf_lora_options(hf, mode, rank=4)))
+    trained = [n for n, p in hf.named_parameters() if p.requires_grad]
+    assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == lit
+    assert not any(".gate.lora" in n for n in trained)  # the router stays frozen, as in lit_qlp
+    assert any(".experts." in n for n in trained) == (mode != "hf-qlora-attn")
