@@ -173,10 +173,44 @@ def lora_to_gguf(argv: list[str] | None = None) -> None:
     )
 
 
+@command
+def gguf_to_hf(argv: list[str] | None = None) -> None:
+    """lit-qlp-gguf-to-hf --input model.gguf --output DIR [--dtype float32|bfloat16|float16]"""
+    from lit_qlp.formats.gguf import DTYPES
+    from lit_qlp.formats.gguf import gguf_to_hf as convert
+
+    parser = argparse.ArgumentParser(
+        prog="gguf_to_hf",
+        description="Turn a GGUF model file (llama.cpp's format) into a Hugging Face model directory that "
+        "lit-qlp trains from (--model.model_dir): weights, config and the tokenizer with its chat template. "
+        "Quantised GGUF weights (Q4_1, Q8_0, K-quants) come back dequantised, the values llama.cpp computes "
+        "with, not the precision the model was trained in.",
+    )
+    parser.add_argument("--input", type=Path, required=True, help="the GGUF model file")
+    parser.add_argument("--output", type=Path, required=True, help="new directory for the model (never overwritten)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="dtype of the written weights (default float32: exactly the dequantised values; bfloat16 or float16 "
+        "halve the size and round them)",
+    )
+    args = parser.parse_args(argv)
+    summary = convert(args.input, args.output, dtype=args.dtype)
+    quantised = summary["gguf_file_type"] or "unknown type"
+    print(
+        f"wrote {summary['architecture']} ({summary['parameters'] / 1e6:,.1f} M parameters) from a {quantised} GGUF "
+        f"to {summary['output']} in {summary['dtype']}"
+        + ("" if summary["chat_template"] else " (the GGUF file holds no chat template)")
+        + f" in {summary['seconds']} s; quantised tensors were dequantised, not restored to their original precision"
+    )
+
+
 __all__ = [
     "analyze_control_adapters",
     "control_adapter_to_lora",
     "convert_ds_checkpoint",
+    "gguf_to_hf",
     "import_qlora_pipe_config",
     "lora_to_gguf",
     "merge_lora",

@@ -1,6 +1,6 @@
 """What lit_qlp relies on of transformers beyond its public API: the causal-LM class of a config, its SDPA support,
 the attention implementation of a config, a model's weight initialisation of one submodule, the KV-cache keyword
-of the mask functions, and the registry and gate of fused MoE experts.
+of the mask functions, the registry and gate of fused MoE experts, and GGUF models as plain ones.
 
 transformers is imported inside the functions.
 """
@@ -94,6 +94,28 @@ def experts_activation(experts: nn.Module) -> Callable[[torch.Tensor], torch.Ten
     return gate
 
 
+def gguf_architectures() -> list[str]:
+    """The GGUF ``general.architecture`` values transformers reads (``GGUF_SUPPORTED_ARCHITECTURES``), sorted."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    names = getattr(gguf_utils, "GGUF_SUPPORTED_ARCHITECTURES", None)
+    if names is None:
+        raise _outdated("modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES", "to name the GGUF architectures")
+    return sorted(set(names) - {"general", "tokenizer"})
+
+
+def forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """Makes a model loaded with ``from_pretrained(..., gguf_file=...)`` savable: its tensors are already
+    dequantised, but transformers keeps the GGUF quantizer (``hf_quantizer``, ``config.quantization_config``) and
+    refuses ``save_pretrained`` ("quantized with gguf and is not serializable")."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        raise ValueError(f"{type(model).__name__} was not loaded from a GGUF file (no GGUF quantizer)")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def init_weights(model: PreTrainedModel, module: nn.Module) -> None:
     """Initialises ``module`` (a submodule of ``model``) as ``model`` initialises its own submodules.
 
@@ -125,6 +147,8 @@ def mask_cache_keyword(mask_function: Callable) -> str:
 __all__ = [
     "causal_lm_class",
     "experts_activation",
+    "forget_gguf_quantization",
+    "gguf_architectures",
     "init_weights",
     "mask_cache_keyword",
     "register_experts_implementation",

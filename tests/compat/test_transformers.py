@@ -113,3 +113,41 @@ def test_mask_cache_keyword_needs_a_cache_argument():
     with pytest.raises(RuntimeError, match=OUTDATED) as error:
         compat.mask_cache_keyword(mask_function)
     assert "cache or past_key_values argument of" in str(error.value)
+
+
+def test_a_registered_experts_implementation_is_what_experts_modules_run(tiny_model):
+    calls = []
+
+    def forward(experts, hidden_states, top_k_index, top_k_weights):
+        calls.append(type(experts).__name__)
+        return torch.zeros_like(hidden_states)
+
+    compat.register_experts_implementation("lit_qlp_test_probe", forward)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3_moe"), experts_implementation="lit_qlp_test_probe")
+    model(input_ids=torch.tensor([[1, 5, 7]]))
+    assert calls and set(calls) == {"Qwen3MoeExperts"}
+
+
+def test_register_experts_implementation_needs_the_interface(monkeypatch):
+    from transformers.integrations import moe
+
+    monkeypatch.delattr(moe, "ExpertsInterface")
+    with pytest.raises(RuntimeError, match=OUTDATED):
+        compat.register_experts_implementation("x", lambda *args: None)
+
+
+def test_experts_activation_is_the_modules_gate_or_its_activation(tiny_model, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("gpt_oss"))
+    experts = next(m for m in model.modules() if type(m).__name__ == "GptOssExperts")
+    up = torch.randn(3, 2 * experts.intermediate_size)
+    torch.testing.assert_close(compat.experts_activation(experts)(up), experts._apply_gate(up))  # clamped GLU
+    monkeypatch.setattr(experts, "has_gate", False, raising=False)
+    monkeypatch.setattr(experts, "act_fn", torch.nn.GELU(), raising=False)  # an ungated experts module's activation
+    assert compat.experts_activation(experts) is experts.act_fn
+
+
+def test_gguf_architectures_and_forgetting_the_quantizer_of_a_model_not_from_gguf():
+    assert {"llama", "qwen3", "gemma2"} <= set(compat.gguf_architectures())
+    assert "general" not in compat.gguf_architectures()
+    with pytest.raises(ValueError, match="not loaded from a GGUF file"):
+        compat.forget_gguf_quantization(LlamaForCausalLM(tiny_config()))
