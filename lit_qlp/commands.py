@@ -206,10 +206,55 @@ def gguf_to_hf(argv: list[str] | None = None) -> None:
     )
 
 
+@command
+def generate(argv: list[str] | None = None) -> None:
+    """lit-qlp-generate --model DIR [--adapter DIR] (--prompt TEXT ... | --prompts FILE) [decoding options]"""
+    from lit_qlp.export.generate import DTYPES, Decoding, load_model, read_prompts
+    from lit_qlp.export.generate import generate as answer
+
+    parser = argparse.ArgumentParser(
+        prog="generate",
+        description="Answers of a model, with or without a trained LoRA adapter, to a few prompts: each prompt is "
+        "a user turn rendered with the tokenizer's chat template (as the model is served); greedy unless "
+        "--temperature is above 0. With --compare, the base model's answers too, beside the adapter's.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="Hugging Face model directory (the base)")
+    parser.add_argument("--adapter", type=Path, help="PEFT adapter directory over it (an epoch export, <root>/epoch1)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument("--prompts", type=Path, help="a .txt file (one prompt a line) or .jsonl (prompt or chat)")
+    parser.add_argument("--compare", action="store_true", help="with --adapter: also answer with the base alone")
+    parser.add_argument("--system", help="a system message before each prompt (chat template only)")
+    parser.add_argument("--no-chat-template", action="store_true", help="continue the raw prompt text instead")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass (sampling only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
+    args = parser.parse_args(argv)
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        parser.error("give at least one --prompt or a --prompts file")
+    if args.compare and args.adapter is None:
+        parser.error("--compare needs --adapter (it sets the base's answers beside the adapter's)")
+    decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    options = dict(chat_template=not args.no_chat_template, system=args.system)
+    model, tokenizer = load_model(args.model, args.adapter, args.dtype)
+    answers = {"adapter" if args.adapter else "model": answer(model, tokenizer, prompts, decoding, **options)}
+    if args.compare:
+        with model.disable_adapter():
+            answers = {"base": answer(model, tokenizer, prompts, decoding, **options), **answers}
+    for i, prompt in enumerate(prompts):
+        print(f"### prompt {i + 1}: {prompt}")
+        for name, texts in answers.items():
+            print(f"--- {name}:\n{texts[i]}")
+        print()
+
+
 __all__ = [
     "analyze_control_adapters",
     "control_adapter_to_lora",
     "convert_ds_checkpoint",
+    "generate",
     "gguf_to_hf",
     "import_qlora_pipe_config",
     "lora_to_gguf",
