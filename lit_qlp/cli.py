@@ -41,7 +41,17 @@ class RunConfig(SaveConfigCallback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().setup(trainer, pl_module, "fit")
+        # Into the run's root, whatever the logger (Lightning would use the logger's directory: CSV's
+        # lightning_logs/version_N, MLflow's ./mlruns); always overwritten, as a resumed run's config is its own.
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            path = str(root / self.config_filename)
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+            self.save_config(trainer, pl_module, "fit")
+        self.already_saved = True
 
 
 def class_options_help() -> str:

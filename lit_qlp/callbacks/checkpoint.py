@@ -82,6 +82,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            # Lightning would put them under the logger's directory (CSV: lightning_logs/version_N/checkpoints,
+            # MLflow: its experiment), where resume and the new-run check do not look: the run's root holds them.
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         with warnings.catch_warnings():
             # A new run never starts in a directory holding checkpoints (lit_qlp.rundir): a resumed one does.
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
