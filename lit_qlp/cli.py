@@ -99,6 +99,8 @@ class LitQLPCLI(LightningCLI):
     - ``trainer.callbacks``: RMSRatioSchedule (the learning rate of each step) and EvaluationReport (an evaluation
       before training, a console line after each) and ProgressReport (a line per step with throughput and ETA);
       ``--trainer.callbacks+=X`` adds one, a list replaces them.
+    - ``trainer.enable_progress_bar``: false: those lines are the one console display; with true, Lightning's
+      bar is, and the lines are not printed.
     - ``data.tokenizer_dir`` follows ``model.model_dir``; ``trainer.val_check_interval`` follows
       ``data.evals_per_epoch``; ``data.split_class_zero`` follows ``model.method`` (true for Control Adapters).
     - ``model.method``: LoRA with its defaults (``--model.method lit_qlp.methods.ControlAdapters`` and so on).
@@ -130,6 +132,9 @@ class LitQLPCLI(LightningCLI):
         parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
         parser.set_defaults({"trainer.strategy": {"class_path": "lit_qlp.strategies.PipelineStrategy"}})
         parser.set_defaults({"model.method": {"class_path": "lit_qlp.methods.LoRA"}})
+        # One console display: ProgressReport's and EvaluationReport's lines (``--trainer.enable_progress_bar
+        # true`` shows Lightning's bar instead, with loss, eval loss and tokens/s; the lines then stay quiet).
+        parser.set_defaults({"trainer.enable_progress_bar": False})
         # Ordinary callbacks: `--trainer.callbacks+=...` adds to them, a `trainer.callbacks` list replaces them.
         parser.set_defaults(
             {

@@ -57,7 +57,8 @@ class EvaluationReport(Callback):
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         loss = float(trainer.callback_metrics[self.monitor])
-        rank_zero_info(evaluation_line(loss, self.last))
+        if trainer.progress_bar_callback is None:  # else the bar shows the evaluation loss: one display
+            rank_zero_info(evaluation_line(loss, self.last))
         self.last = loss
 
     @override

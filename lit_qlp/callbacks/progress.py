@@ -31,6 +31,9 @@ class ProgressReport(Callback):
     evaluations, checkpoint saves and exports neither lower the throughput nor inflate the ETA (which is the
     remaining steps × the mean of the recent steps).
 
+    With Lightning's progress bar on (``trainer.enable_progress_bar``) no line is printed: the bar is the one
+    display, and shows tokens/s beside the loss.
+
     Args:
         every_n_steps: Steps between console lines (0: metrics only).
         window: Number of recent steps the rates and the ETA average over.
@@ -61,9 +64,9 @@ class ProgressReport(Callback):
         sequences_per_s = sum(n for _, n, _ in self._recent) / window_seconds
         tokens_per_s = sum(t for _, _, t in self._recent) / window_seconds
         pl_module.log("train/sequences_per_s", sequences_per_s, rank_zero_only=True)
-        pl_module.log("train/tokens_per_s", tokens_per_s, rank_zero_only=True)
+        pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
         step = trainer.global_step
-        if not self.every_n_steps or step % self.every_n_steps:
+        if not self.every_n_steps or step % self.every_n_steps or trainer.progress_bar_callback is not None:
             return
         total = trainer.estimated_stepping_batches
         remaining = max(0, total - step) * window_seconds / len(self._recent)
