@@ -1,5 +1,11 @@
 """The maths stay put: the first losses of the demo and of tiny LoRA-with-decay, full and Control Adapter runs
-equal, bit for bit, those stored in ``reference_losses.json`` (computed by lit-qlp before the method/base redesign)."""
+equal those stored in ``reference_losses.json`` (computed by lit-qlp before the method/base redesign): the first
+step bit for bit, the later ones to float32 rounding.
+
+Bit-for-bit equality of the later steps holds only on the CPU that computed them: on an AMD EPYC with AVX-512 the
+same code and packages give losses that differ from the stored ones (computed elsewhere) by at most 1.7e-7
+relative, 1 to 3 float32 ulps, as torch's CPU kernels take another instruction set and summation order. Any change to
+the maths moves them by orders of magnitude more."""
 
 from __future__ import annotations
 
@@ -36,8 +42,10 @@ OPTIONS = {
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_losses_equal_the_stored_ones_bit_for_bit(name, tmp_path):
+def test_losses_equal_the_stored_ones(name, tmp_path):
     run_cli(["fit", "--config", "configs/demo.yaml", f"--trainer.default_root_dir={tmp_path}", *OPTIONS[name]], ROOT)
     losses = scalars(tmp_path, "train/loss")
     expected = STORED[name]["train/loss"]
-    assert [losses[step] for step in sorted(losses)] == expected
+    got = [losses[step] for step in sorted(losses)]
+    assert len(got) == len(expected) and got[0] == expected[0]
+    assert got == pytest.approx(expected, rel=1e-6, abs=0)

@@ -86,7 +86,10 @@ def test_export_loads_in_peft_and_gives_lit_qlps_logits(tiny_model, tmp_path, ar
     assert not torch.allclose(logits, base, atol=1e-4)
 
 
+# PEFT 0.21 checks pattern keys against module names only and warns, yet applies them to target_parameters; 0.22
+# no longer warns. What counts is that the ranks are applied (the wrappers' r and scaling below).
 @pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match")
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_expert_rank_exports_as_peft_patterns_with_lit_qlps_logits_and_merge(tiny_model, tmp_path, arch):
     from lit_qlp.export.merge import merge_lora
@@ -109,9 +112,7 @@ def test_expert_rank_exports_as_peft_patterns_with_lit_qlps_logits_and_merge(tin
     with torch.no_grad():
         logits = layers[-1].logits(forward(layers, ids))
         hf = load_hf(model_dir, source.config._attn_implementation)
-        with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match any targeted module"):
-            # PEFT 0.21 checks pattern keys against module names only, yet applies them to target_parameters.
-            model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
         wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
         assert wrappers and {(w.r["default"], w.scaling["default"]) for w in wrappers} == {(2, 1.0)}
         torch.testing.assert_close(logits, model(input_ids=ids).logits)
