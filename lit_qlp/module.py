@@ -46,6 +46,9 @@ class CausalLMModule(pl.LightningModule):
         dtype: Dtype of the model's weights and activations ("float32" for CPU runs and exactness tests); with a
             4-bit base also the dtype the weights are dequantised to for each matmul.
         attn_implementation: "sdpa" or "eager"; architectures without SDPA support fall back to "eager".
+        document_attention: The attention kernel for documents packed on their own (``data.packing: documents``):
+            "auto" (FlexAttention on CUDA, a block-diagonal mask on the CPU), "flex" or "mask"
+            (``lit_qlp.models.pipeline.ModelSource``).
         embeddings_on_cpu: Keep the frozen embedding matrix in CPU memory (saves vocab × hidden × 2 bytes of GPU
             memory on the first stage, 1 GiB for Llama-3-8B; costs a small copy per step). Not when it trains.
         lr: Learning rate of the optimizer (optimi Adam).
@@ -78,6 +81,7 @@ class CausalLMModule(pl.LightningModule):
         base: BaseFormat | None = None,
         dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
+        document_attention: Literal["auto", "flex", "mask"] = "auto",
         embeddings_on_cpu: bool = False,
         lr: float = 2e-5,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -108,6 +112,7 @@ class CausalLMModule(pl.LightningModule):
             attn_implementation,
             trust_remote_code=trust_remote_code,
             random_weights=random_weights,
+            document_attention=document_attention,
         )
         self.method.check(self.source, base)
         self.trainable = self.method.trainable(self.source)
@@ -160,7 +165,9 @@ class CausalLMModule(pl.LightningModule):
         """Splits a batch of ``[micro_batches, seq]`` tensors into the engine's ``((inputs), labels)`` items.
 
         Labels and control classes are shifted one position left so that position t holds the target of the
-        logits at t; the last position carries no loss (label -100, class 0).
+        logits at t; the last position carries no loss (label -100, class 0). Position ids are the batch's
+        ``position_ids`` where it has them (documents packed on their own, whose positions restart at each
+        document), else 0 to seq - 1, one tensor shared by every micro-batch.
 
         Returns:
             The micro-batches and the number of labelled tokens in them.
@@ -169,9 +176,12 @@ class CausalLMModule(pl.LightningModule):
         labels = shift_left(batch["labels"].to(self.device), IGNORE_INDEX)
         control = batch.get("control_classes")
         control = shift_left(control.to(self.device), 0) if control is not None else torch.zeros_like(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=self.device).unsqueeze(0)
+        if "position_ids" in batch:
+            positions = list(batch["position_ids"].to(self.device).split(1))
+        else:
+            positions = [torch.arange(input_ids.shape[1], device=self.device).unsqueeze(0)] * input_ids.shape[0]
         items = [
-            ((input_ids[i : i + 1], positions, control[i : i + 1]), labels[i : i + 1])
+            ((input_ids[i : i + 1], positions[i], control[i : i + 1]), labels[i : i + 1])
             for i in range(input_ids.shape[0])
         ]
         return items, (labels != IGNORE_INDEX).sum()

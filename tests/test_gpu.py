@@ -20,7 +20,7 @@ def test_bf16_pipeline_logits_match_hf_on_gpu(tiny_model, arch):
     source = ModelSource(model_dir, dtype="bfloat16")
     layers = stage_layers(source, device="cuda")
     hf = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, attn_implementation=source.config._attn_implementation
+        model_dir, dtype=torch.bfloat16, attn_implementation=source.attn_implementation
     ).cuda()
     ids = torch.randint(3, VOCAB, (1, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     x = (ids, torch.arange(64, device="cuda").unsqueeze(0), torch.zeros_like(ids))

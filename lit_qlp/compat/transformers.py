@@ -1,5 +1,6 @@
 """What lit_qlp relies on of transformers beyond its public API: the causal-LM class of a config, its SDPA support,
-the attention implementation of a config, a model's weight initialisation of one submodule, the KV-cache keyword
+the attention implementation of a config, an attention implementation that runs flex attention for block masks, the
+packed-sequence check of the mask functions, a model's weight initialisation of one submodule, the KV-cache keyword
 of the mask functions, the registry and gate of fused MoE experts, and GGUF models as plain ones.
 
 transformers is imported inside the functions.
@@ -68,6 +69,40 @@ def set_attn_implementation(config: PretrainedConfig, name: str) -> None:
     if not hasattr(config, "_attn_implementation"):
         raise _outdated(f"{type(config).__name__}._attn_implementation", "to choose the attention implementation")
     config._attn_implementation = name
+
+
+def register_attention_by_mask(name: str) -> None:
+    """Registers attention implementation ``name``: transformers' flex attention (``flex_attention_forward``) where
+    the mask is a FlexAttention ``BlockMask``, its SDPA attention for any other mask or none; and SDPA's mask function
+    under the same name, so that ``create_causal_mask`` and the others build SDPA masks for it.
+
+    A stage then picks the kernel per micro-batch by the mask it builds: a block mask for documents packed on their
+    own (``find_packed_sequence_indices``), SDPA's causal kernel otherwise. Registering twice changes nothing.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        forward = flex_attention_forward if isinstance(attention_mask, BlockMask) else sdpa_attention_forward
+        return forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Which sequence each token of a packed row belongs to ([batch, seq], counting from 0 where ``position_ids``
+    restart), or None where no row restarts: transformers' ``find_packed_sequence_indices``, which its mask functions
+    apply to ``position_ids`` themselves. Synchronises with the device (a data-dependent branch)."""
+    from transformers import masking_utils
+
+    find = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if find is None:
+        raise _outdated("masking_utils.find_packed_sequence_indices", "to tell documents packed on their own")
+    return find(position_ids)
 
 
 def register_experts_implementation(name: str, forward: Callable) -> None:
@@ -151,6 +186,8 @@ __all__ = [
     "gguf_architectures",
     "init_weights",
     "mask_cache_keyword",
+    "packed_sequence_ids",
+    "register_attention_by_mask",
     "register_experts_implementation",
     "set_attn_implementation",
     "supports_sdpa",

@@ -19,23 +19,36 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lit_qlp.data.packing import Packed, pack, truncate_tokens
+from lit_qlp.data.packing import Packed, pack, pack_documents, truncate_tokens
 from lit_qlp.data.sources import DatasetSource, dataset_files, read_documents
 from lit_qlp.data.tokenize import DocumentEncoder, TokenSpec, resolve_mask_tokens, resolve_sequence_prefix
 from lit_qlp.formats.hf import TOKENIZER_FILES
 from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 
-CACHE_FORMAT = "lit-qlp-data-2"  # 2: chats keep their template BOS between documents and are kept whole
+CACHE_FORMAT = "lit-qlp-data-3"  # 2: chats keep their template BOS and are kept whole; 3: packing=documents
 COLUMNS = ("input_ids", "labels", "control_classes")
+POSITIONS = "position_ids"  # a fourth column where documents are packed on their own
 SUMMARY_FILE = "summary.json"
 BUILD_INPUTS = ("datasets", "tokenizer_dir")  # what a build reads; every other field is an option
 
 
 def check_build_options(
-    datasets: list, sequence_len: int, eval_fraction: float, max_sequences: int | None
+    datasets: list,
+    sequence_len: int,
+    eval_fraction: float,
+    max_sequences: int | None,
+    packing: str = "concatenate",
+    drop_tails: bool = False,
+    chat_packing: str = "whole",
 ) -> list[DatasetSource]:
     """Raises ValueError naming the ``data.*`` option and what to change for an option no build can use, and
     FileNotFoundError for a dataset path that matches no file; returns ``datasets`` as ``DatasetSource``s."""
+    if packing == "documents" and (drop_tails or chat_packing != "whole"):
+        option = "data.drop_tails=true" if drop_tails else f"data.chat_packing={chat_packing}"
+        raise ValueError(
+            f"{option} cuts documents across sequences, which data.packing=documents never does (every document goes "
+            f"whole into one sequence); remove {option.split('=')[0]} or use data.packing=concatenate"
+        )
     if sequence_len <= 0:
         raise ValueError(
             f"data.sequence_len={sequence_len} must be positive, a multiple of 64; try 64 or more (the default is 2048)"
@@ -91,6 +104,20 @@ def chat_counts(packed: Packed) -> dict[str, int]:
     return {name: int(getattr(packed, name)) for name in CHAT_COUNTS}
 
 
+def document_counts(packed: Packed, sequence_len: int) -> dict[str, int | float]:
+    """What ``data.packing=documents`` did (``Packed``'s counts), for the summary: documents packed, cut and left out,
+    padding tokens, and ``padding_fraction``, the share of the packed sequences' tokens that is padding."""
+    tokens = packed.packed_sequences * sequence_len
+    return {
+        "packed_documents": int(packed.documents),
+        "split_documents": int(packed.split_documents),
+        "dropped_documents": int(packed.dropped_documents),
+        "padding_tokens": int(packed.padding_tokens),
+        "packed_sequences": int(packed.packed_sequences),
+        "padding_fraction": packed.padding_tokens / max(1, tokens),
+    }
+
+
 def sha256_file(path: Path) -> str:
     """The SHA-256 of a file's contents, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -118,6 +145,8 @@ class SequenceBuilder:
     max_sequences: int | None
     drop_tails: bool
     chat_packing: Literal["whole", "as_text"]
+    packing: Literal["concatenate", "documents"]
+    long_documents: Literal["split", "drop"]
     mix_datasets: bool
     sequence_prefix: TokenSpec
     document_prefix: TokenSpec
@@ -202,16 +231,24 @@ class SequenceBuilder:
             groups = per_dataset
         whole_chats = self.chat_packing == "whole"
         pad_id = pad_token_id(tokenizer)
-        packed_groups = [
-            pack(docs, classes, self.sequence_len, prefix, self.drop_tails, whole_chats, pad_id)
-            for docs, classes in groups
-        ]
+        if self.packing == "documents":
+            packed_groups = [
+                pack_documents(docs, classes, self.sequence_len, prefix, self.long_documents, pad_id)
+                for docs, classes in groups
+            ]
+        else:
+            packed_groups = [
+                pack(docs, classes, self.sequence_len, prefix, self.drop_tails, whole_chats, pad_id)
+                for docs, classes in groups
+            ]
         if not self.mix_datasets:
             for stat, packed in zip(stats, packed_groups):
                 stat["sequences"] = len(packed.input_ids)
                 stat["dropped_tokens"] += packed.dropped_tokens
                 if packed.chats:
                     stat |= chat_counts(packed)
+                if self.packing == "documents":
+                    stat |= document_counts(packed, self.sequence_len)
         packed = Packed.concatenate(packed_groups, self.sequence_len)
         if len(packed.input_ids) == 0:
             raise ValueError(
@@ -232,11 +269,12 @@ class SequenceBuilder:
         train, evaluation, stats = self.build()
 
         def table(part: Packed):
+            names = COLUMNS if part.position_ids is None else (*COLUMNS, POSITIONS)
             columns = {
                 name: pa.FixedSizeListArray.from_arrays(
                     pa.array(getattr(part, name).astype(np.int32).ravel()), self.sequence_len
                 )
-                for name in COLUMNS
+                for name in names
             }
             return hf_datasets.Dataset(pa.table(columns))
 
@@ -247,8 +285,11 @@ class SequenceBuilder:
             "masked_label_fraction": float((train.labels == IGNORE_INDEX).mean()) if len(train.labels) else 0.0,
             "packing_dropped_tokens": int(train.dropped_tokens),
             "chat_packing": self.chat_packing,
+            "packing": self.packing,
             **chat_counts(train),  # counted over every packed sequence, before the split
         }
+        if self.packing == "documents":
+            summary |= {"long_documents": self.long_documents, **document_counts(train, self.sequence_len)}
         # Write next to the final place, then rename: a crash never leaves a half-written cache behind.
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         splits = hf_datasets.DatasetDict({"train": table(train), "eval": table(evaluation)})
@@ -275,10 +316,27 @@ def describe(summary: dict[str, Any], cache_path: Path, sequence_len: int) -> st
         f"  {summary['train_sequences']} training and {summary['eval_sequences']} evaluation sequences of "
         f"{sequence_len} tokens; {summary['masked_label_fraction']:.1%} of training labels masked"
     )
-    if summary.get("chats"):
+    if summary.get("packing") == "documents":
+        lines.append("  " + describe_documents(summary, sequence_len))
+    elif summary.get("chats"):
         tokens = summary["packed_sequences"] * sequence_len
         lines.append("  " + describe_chats(summary, summary["padding_tokens"] / max(1, tokens)))
     return "\n".join(lines)
+
+
+def describe_documents(summary: dict[str, Any], sequence_len: int) -> str:
+    """The report's line on ``data.packing=documents``: documents packed on their own, those longer than a sequence,
+    and the padding."""
+    s = summary
+    if s["long_documents"] == "split":
+        longer = f"{s['split_documents']} longer than a sequence split into pieces of at most {sequence_len} tokens"
+    else:
+        longer = f"{s['dropped_documents']} longer than a sequence dropped"
+    return (
+        f"{s['packed_documents']} documents packed whole, each attending only to itself with positions from 0 "
+        f"(data.packing=documents); {longer}; {s['padding_tokens']} padding tokens ({s['padding_fraction']:.1%} of "
+        "the sequences)"
+    )
 
 
 def describe_chats(summary: dict[str, Any], padding_fraction: float) -> str:
@@ -302,4 +360,4 @@ def describe_chats(summary: dict[str, Any], padding_fraction: float) -> str:
     )
 
 
-__all__ = ["CACHE_FORMAT", "COLUMNS", "SUMMARY_FILE", "SequenceBuilder", "describe", "document_classes"]
+__all__ = ["CACHE_FORMAT", "COLUMNS", "POSITIONS", "SUMMARY_FILE", "SequenceBuilder", "describe", "document_classes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 
@@ -28,6 +29,11 @@ class Packed:
         answers_without_prompt: Answers with labelled tokens in a sequence that does not hold their chat's start.
         answers_without_prompt_as_text: The same had chats been packed like text (the stream, ``drop_tails`` as
             given): what keeping chats whole saved.
+        position_ids: Position of each token within its document (``pack_documents``), or None where positions
+            run 0 to ``sequence_len - 1`` in every sequence.
+        documents: Documents packed on their own (``pack_documents``).
+        split_documents: Documents longer than a sequence cut into pieces (``pack_documents``).
+        dropped_documents: Documents longer than a sequence left out (``pack_documents``).
     """
 
     input_ids: np.ndarray
@@ -41,6 +47,10 @@ class Packed:
     answers: int = 0
     answers_without_prompt: int = 0
     answers_without_prompt_as_text: int = 0
+    position_ids: np.ndarray | None = None
+    documents: int = 0
+    split_documents: int = 0
+    dropped_documents: int = 0
 
     COUNTS = (
         "dropped_tokens",
@@ -51,6 +61,9 @@ class Packed:
         "answers",
         "answers_without_prompt",
         "answers_without_prompt_as_text",
+        "documents",
+        "split_documents",
+        "dropped_documents",
     )
 
     @classmethod
@@ -62,12 +75,16 @@ class Packed:
             np.concatenate([p.input_ids for p in parts]),
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.control_classes for p in parts]),
+            position_ids=None if parts[0].position_ids is None else np.concatenate([p.position_ids for p in parts]),
             **{name: sum(getattr(p, name) for p in parts) for name in cls.COUNTS},
         )
 
     def take(self, rows: np.ndarray) -> Packed:
         counts = {name: getattr(self, name) for name in self.COUNTS}
-        return Packed(self.input_ids[rows], self.labels[rows], self.control_classes[rows], **counts)
+        positions = None if self.position_ids is None else self.position_ids[rows]
+        return Packed(
+            self.input_ids[rows], self.labels[rows], self.control_classes[rows], **counts, position_ids=positions
+        )
 
 
 def truncate_tokens(documents: list[Encoded], max_tokens: int | None) -> tuple[list[Encoded], int]:
@@ -154,34 +171,44 @@ def place_drop_tails(documents: Sequence[Encoded], indices: Sequence[int], conte
     return Placement(rows, left_out)
 
 
+def best_fit(lengths: Sequence[int], capacity: int, opening: Sequence[int] | None = None) -> list[list[int]]:
+    """Best-fit bin packing in the given order: item ``k`` goes into the open bin with the least room that holds
+    ``lengths[k]``, or opens a new bin, where it takes ``opening[k]`` (default ``lengths[k]``; at most
+    ``capacity``). Returns the items of each bin, in placement order."""
+    bins: list[list[int]] = []
+    open_bins: list[tuple[int, int]] = []  # (room left, bin), sorted: the first with enough room fits best
+    for k, length in enumerate(lengths):
+        i = bisect.bisect_left(open_bins, (length, -1))
+        if i < len(open_bins):
+            room, b = open_bins.pop(i)
+            bins[b].append(k)
+        else:
+            room, b, length = capacity, len(bins), length if opening is None else opening[k]
+            bins.append([k])
+        if room > length:
+            bisect.insort(open_bins, (room - length, b))
+    return bins
+
+
 def place_whole(documents: Sequence[Encoded], indices: Sequence[int], content: int, prefix: Sequence[int]):
-    """Best fit: each document goes whole into the open sequence with the least room that holds it, or opens a new
-    one; what room is left at the end is padding. A document longer than a sequence gets one of its own and keeps
-    its first ``content`` tokens.
+    """Best fit (``best_fit``): each document goes whole into the open sequence with the least room that holds it,
+    or opens a new one; what room is left at the end is padding. A document longer than a sequence gets one of its
+    own and keeps its first ``content`` tokens.
 
     The document opening a sequence leaves out the leading tokens the prefix puts back
     (``prefix_length_to_drop``); one placed after another keeps them.
     """
+    lengths = [len(documents[i].ids) for i in indices]
+    starts = [prefix_length_to_drop(documents[i], prefix) for i in indices]
+    opening = [min(n - start, content) for n, start in zip(lengths, starts)]
     rows: list[list[Segment]] = []
     left_out: list[int] = []
-    open_rows: list[tuple[int, int]] = []  # (room left, row), sorted: the first with enough room fits best
     truncated = 0
-    for i in indices:
-        length = len(documents[i].ids)
-        k = bisect.bisect_left(open_rows, (length, -1))
-        if k < len(open_rows):
-            room, r = open_rows.pop(k)
-            rows[r].append((i, 0, length))
-            if room > length:
-                bisect.insort(open_rows, (room - length, r))
-            continue
-        start = prefix_length_to_drop(documents[i], prefix)
-        end = min(length, start + content)
-        truncated += end < length
-        rows.append([(i, start, end)])
-        left_out.append(start)
-        if end - start < content:
-            bisect.insort(open_rows, (content - (end - start), len(rows) - 1))
+    for first, *rest in best_fit(lengths, content, opening):
+        end = starts[first] + opening[first]
+        truncated += end < lengths[first]
+        rows.append([(indices[first], starts[first], end)] + [(indices[k], 0, lengths[k]) for k in rest])
+        left_out.append(starts[first])
     return Placement(rows, left_out, truncated)
 
 
@@ -283,4 +310,101 @@ def pack(
         answers=answers,
         answers_without_prompt=cut,
         answers_without_prompt_as_text=as_text,
+    )
+
+
+def document_pieces(
+    documents: Sequence[Encoded], indices: Sequence[int], content: int, prefix: Sequence[int], split: bool
+) -> tuple[list[Segment], list[int]]:
+    """The pieces that ``pack_documents`` places: each document's tokens after those the prefix puts back
+    (``prefix_length_to_drop``), whole when they fit into ``content`` tokens; a longer document is cut into
+    consecutive pieces of ``content`` tokens (the last one shorter) with ``split``, else left out.
+
+    Returns the pieces and the indices of the documents left out.
+    """
+    pieces: list[Segment] = []
+    left_out: list[int] = []
+    for i in indices:
+        start, end = prefix_length_to_drop(documents[i], prefix), len(documents[i].ids)
+        if end - start > content and not split:
+            left_out.append(i)
+            continue
+        pieces += [(i, s, min(s + content, end)) for s in range(start, end, content)]
+    return pieces, left_out
+
+
+def pack_documents(
+    documents: list[Encoded],
+    control_classes: Sequence[int],
+    sequence_len: int,
+    prefix: Sequence[int],
+    long_documents: Literal["split", "drop"] = "split",
+    pad_id: int = 0,
+) -> Packed:
+    """Packs every document whole and on its own into sequences of ``sequence_len`` tokens: ``data.packing:
+    documents``.
+
+    Each document becomes ``prefix + tokens`` (leaving out its own leading prefix tokens, as ``prefix_length_to_drop``),
+    exactly what the model sees of it served alone; these pieces go into sequences by best fit (``best_fit``) and
+    the room left is padding (``pad_id``, no labels). Position ids restart at 0 with each piece and again for the
+    padding, which is how the model's attention tells the documents apart (a restart is a boundary). The first
+    token of a piece is never a target of the token before it: the prefix carries no labels, and with no prefix the
+    piece's first token gets none. A document longer than ``sequence_len - len(prefix)`` tokens is cut into pieces
+    of that many tokens, each packed as a document of its own (``long_documents="split"``), or left out and counted
+    (``"drop"``).
+
+    Args:
+        documents: Tokenised documents, in order.
+        control_classes: Control class of each document.
+        sequence_len: Tokens per sequence.
+        prefix: Token ids opening every document (e.g. [BOS]).
+        long_documents: "split" or "drop", for documents longer than a sequence.
+        pad_id: The token id of padding.
+    """
+    content = sequence_len - len(prefix)
+    if content <= 0:
+        raise ValueError(f"the sequence prefix ({len(prefix)} tokens) leaves no room in sequence_len={sequence_len}")
+    pieces, left_out = document_pieces(documents, range(len(documents)), content, prefix, long_documents == "split")
+    rows = [[pieces[p] for p in row] for row in best_fit([len(prefix) + e - s for _, s, e in pieces], sequence_len)]
+    shape = (len(rows), sequence_len)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    classes = np.zeros(shape, dtype=np.int64)
+    positions = np.zeros(shape, dtype=np.int64)
+    prefix_ids = np.asarray(prefix, dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i, start, end in row:
+            doc, n = documents[i], len(prefix) + end - start
+            tokens = slice(at + len(prefix), at + n)
+            ids[r, at : at + len(prefix)] = prefix_ids
+            ids[r, tokens] = doc.ids[start:end]
+            labels[r, tokens] = np.where(doc.trained[start:end], doc.ids[start:end], IGNORE_INDEX)
+            labels[r, at] = IGNORE_INDEX  # the first token of a piece follows another document's last
+            classes[r, tokens] = np.where(doc.trained[start:end], control_classes[i], 0)
+            positions[r, at : at + n] = np.arange(n)
+            at += n
+        positions[r, at:] = np.arange(sequence_len - at)
+    placement = Placement(rows, [0] * len(rows))
+    answers, cut = answers_without_prompt(documents, placement)
+    as_text = answers_without_prompt(documents, place_concatenated(documents, range(len(documents)), content, prefix))[
+        1
+    ]
+    placed = sum(len(prefix) + end - start for row in rows for _, start, end in row)
+    split = {i for i, s, _ in pieces if s > prefix_length_to_drop(documents[i], prefix)}
+    return Packed(
+        input_ids=ids,
+        labels=labels,
+        control_classes=classes,
+        position_ids=positions,
+        dropped_tokens=int(sum(len(documents[i].ids) for i in left_out)),
+        packed_sequences=len(rows),
+        padding_tokens=int(ids.size - placed),
+        chats=sum(d.chat for d in documents),
+        answers=answers,
+        answers_without_prompt=cut,
+        answers_without_prompt_as_text=as_text,
+        documents=len(documents) - len(left_out),
+        split_documents=len(split),
+        dropped_documents=len(left_out),
     )

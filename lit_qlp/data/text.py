@@ -18,7 +18,15 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from lit_qlp.data.build import BUILD_INPUTS, COLUMNS, SUMMARY_FILE, SequenceBuilder, check_build_options, describe
+from lit_qlp.data.build import (
+    BUILD_INPUTS,
+    COLUMNS,
+    POSITIONS,
+    SUMMARY_FILE,
+    SequenceBuilder,
+    check_build_options,
+    describe,
+)
 from lit_qlp.data.sources import DatasetSource
 from lit_qlp.data.tokenize import TokenSpec
 
@@ -44,13 +52,14 @@ class SequenceDataset(Dataset):
 
     def __init__(self, table) -> None:
         self.table = table
+        self.columns = [*COLUMNS, *([POSITIONS] if POSITIONS in table.column_names else [])]
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.table[int(index)]
-        return {k: torch.as_tensor(np.asarray(row[k]), dtype=torch.long) for k in COLUMNS}
+        return {k: torch.as_tensor(np.asarray(row[k]), dtype=torch.long) for k in self.columns}
 
 
 class ResumableSampler(DistributedSampler):
@@ -77,7 +86,8 @@ class TextDataModule(pl.LightningDataModule):
 
     Per dataset: documents are read, shuffled (seeded), tokenised and capped at ``max_tokens``. Then text documents
     are concatenated and cut into ``sequence_len`` sequences, each opening with ``sequence_prefix``, and chats are
-    put whole into sequences (``chat_packing``); per dataset unless ``mix_datasets``. Each chat is its template's
+    put whole into sequences (``chat_packing``); or, with ``packing="documents"``, every document goes whole and on
+    its own into a sequence; per dataset unless ``mix_datasets``. Each chat is its template's
     rendering token for token, the text the model sees when served (``apply_chat_template(...,
     add_generation_prompt=True)`` and the answer): a leading BOS of the template, or any document that starts with
     the ``sequence_prefix`` tokens, leaves them out only where it opens a sequence, since the prefix puts them back
@@ -109,6 +119,20 @@ class TextDataModule(pl.LightningDataModule):
             sequence boundaries (or cut by ``drop_tails``): no padding, but the part of a chat that lands in the next
             sequence trains without its prompt. The data report gives both counts: how many answers packing as
             text would have trained without their prompt, and the padding that keeping chats whole costs.
+        packing: How documents share a sequence. "concatenate" (the default, for raw text): as above, text
+            streamed across sequences and chats by ``chat_packing``; a document attends to the documents before it in
+            its sequence and its positions continue from theirs, as in pre-training. "documents" (for instruction
+            and chat data of short examples): every document, text or chat, is packed whole (best fit) as
+            ``sequence_prefix`` + its tokens, exactly what the model sees of it alone; positions restart at 0 for each
+            document, attention never crosses a document boundary (the model tells documents apart by those
+            restarts: a block-diagonal mask on the CPU, FlexAttention with a block mask on CUDA, which skips the
+            blocks between documents), the first token of a document is never predicted from the one before, and
+            the room left at the end of a sequence is padding (pad token, else EOS; no labels). The data report
+            gives the padding fraction. Not with ``drop_tails`` or ``chat_packing="as_text"``.
+        long_documents: With ``packing="documents"``, what happens to a document longer than ``sequence_len -
+            len(sequence_prefix)`` tokens: "split" (the default) cuts it into consecutive pieces of that many tokens
+            (the last one shorter), each packed as a document of its own (prefix, positions from 0; a piece after
+            the first sees nothing of the ones before it); "drop" leaves it out (counted in the report).
         mix_datasets: Let one sequence hold documents of several datasets.
         sequence_prefix: Tokens opening every sequence (no labels): None: BOS if the tokenizer has one; "": none;
             a string: its tokens; a token id or a list of ids.
@@ -142,6 +166,8 @@ class TextDataModule(pl.LightningDataModule):
         max_sequences: int | None = None,
         drop_tails: bool = False,
         chat_packing: Literal["whole", "as_text"] = "whole",
+        packing: Literal["concatenate", "documents"] = "concatenate",
+        long_documents: Literal["split", "drop"] = "split",
         mix_datasets: bool = False,
         sequence_prefix: TokenSpec = None,
         document_prefix: TokenSpec = None,
@@ -161,7 +187,9 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.evals_per_epoch={evals_per_epoch} must be at least 1 (eval_fraction=0 disables)")
         if eval_gradient_accumulation_steps is not None and eval_gradient_accumulation_steps < 1:
             raise ValueError(f"data.eval_gradient_accumulation_steps={eval_gradient_accumulation_steps} must be >= 1")
-        self.datasets = check_build_options(datasets, sequence_len, eval_fraction, max_sequences)
+        self.datasets = check_build_options(
+            datasets, sequence_len, eval_fraction, max_sequences, packing, drop_tails, chat_packing
+        )
         self.sequence_len = sequence_len
         self.eval_fraction = eval_fraction
         self.evals_per_epoch = evals_per_epoch
@@ -169,6 +197,8 @@ class TextDataModule(pl.LightningDataModule):
         self.max_sequences = max_sequences
         self.drop_tails = drop_tails
         self.chat_packing = chat_packing
+        self.packing = packing
+        self.long_documents = long_documents
         self.mix_datasets = mix_datasets
         self.sequence_prefix = sequence_prefix
         self.document_prefix = document_prefix

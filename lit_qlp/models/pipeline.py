@@ -25,6 +25,8 @@ from lit_qlp.compat.transformers import (
     causal_lm_class,
     init_weights,
     mask_cache_keyword,
+    packed_sequence_ids,
+    register_attention_by_mask,
     set_attn_implementation,
     supports_sdpa,
 )
@@ -94,6 +96,14 @@ class ModelQuirks:
         )
 
 
+SDPA_OR_FLEX = "lit_qlp_sdpa_or_flex"
+"""The attention implementation of models that run SDPA: flex attention where a stage built a block mask for
+documents packed on their own, SDPA otherwise (``compat.transformers.register_attention_by_mask``)."""
+register_attention_by_mask(SDPA_OR_FLEX)
+
+DocumentAttention = Literal["auto", "flex", "mask"]
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -115,6 +125,19 @@ class ModelSource:
         random_weights: Fill the weights with random values (normal, std 0.02; norm weights 1, biases 0) on their
             device instead of reading them: ``model_dir`` then needs only ``config.json``. For measuring the speed
             and memory of a shape whose checkpoint is not at hand (or would not fit the disk).
+        document_attention: The kernel for sequences of documents packed on their own (``data.packing:
+            documents``; a stage tells them by their ``position_ids``, which restart at each document): "auto"
+            (the default) FlexAttention on CUDA, the block-diagonal mask elsewhere; "flex": FlexAttention with a
+            block mask built from the positions, which computes only the blocks within documents (no
+            [seq, seq] tensor; compiled by torch, also on the CPU, about 10 s per shape there); "mask": transformers'
+            mask with the documents' blocks on its diagonal, for SDPA or eager attention ([seq, seq] booleans per
+            micro-batch, and SDPA cannot use its fastest kernels with a mask). Flex needs SDPA attention
+            (``attn_implementation``); models that run eager attention use the mask. Sequences of one document run
+            the causal kernel whatever this says.
+
+    Attributes:
+        attn_implementation: The attention the model runs, "sdpa" or "eager" (the config names ``SDPA_OR_FLEX``
+            for "sdpa").
     """
 
     def __init__(
@@ -124,6 +147,7 @@ class ModelSource:
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
         random_weights: bool = False,
+        document_attention: DocumentAttention = "auto",
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -132,7 +156,16 @@ class ModelSource:
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
         if attn_implementation == "sdpa" and not supports_sdpa(causal_lm_class(self.config)):
             attn_implementation = "eager"
-        set_attn_implementation(self.config, attn_implementation)
+        if document_attention == "flex" and attn_implementation != "sdpa":
+            raise ValueError(
+                f"model.document_attention=flex runs FlexAttention in place of SDPA, but {self.config.model_type} "
+                f"runs {attn_implementation} attention here; use model.document_attention=mask (or auto)"
+            )
+        self.attn_implementation = attn_implementation
+        self.document_attention = document_attention
+        set_attn_implementation(self.config, SDPA_OR_FLEX if attn_implementation == "sdpa" else attn_implementation)
+        self.flex_config = copy.deepcopy(self.config)  # what the mask functions read to build block masks
+        set_attn_implementation(self.flex_config, "flex_attention")
         with torch.device("meta"):
             # Fused MoE experts run lit_qlp's grouped forward (lit_qlp.models.experts); dense models have none.
             self.skeleton = AutoModelForCausalLM.from_config(
@@ -149,6 +182,12 @@ class ModelSource:
 
     def submodule(self, name: str) -> nn.Module:
         return self.skeleton.get_submodule(name)
+
+    def flex_for_documents(self, device: torch.device) -> bool:
+        """Whether stages on ``device`` run FlexAttention for documents packed on their own (``document_attention``)."""
+        if self.attn_implementation != "sdpa" or self.document_attention == "mask":
+            return False
+        return self.document_attention == "flex" or torch.device(device).type == "cuda"
 
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for p in self.submodule(name).parameters())
@@ -360,6 +399,7 @@ class DecoderLayerPipe(nn.Module):
         self.hf_prefix = f"model.layers.{index}"
         self.config = builder.source.config
         self.attention_type = builder.source.quirks.layer_types[index]
+        self.flex_config = builder.source.flex_config if builder.source.flex_for_documents(builder.device) else None
         self.positions = builder.positions
         self.layer = builder.decoder_layer(index)
         self.rotary_emb = builder.source.rotary_embedding(builder.device)
@@ -373,12 +413,20 @@ class DecoderLayerPipe(nn.Module):
             self.rotary_emb.compile()
 
     def attention_mask(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
+        """The mask of this layer's attention type for ``position_ids``: transformers' mask functions find the
+        documents of a packed row where the positions restart; with FlexAttention for documents (``flex_config``)
+        a packed micro-batch gets a block mask, which the attention implementation runs with flex attention."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         make = create_sliding_window_causal_mask if self.attention_type == "sliding_attention" else create_causal_mask
         no_cache = {mask_cache_keyword(make): None}
+        packed = self.flex_config is not None and packed_sequence_ids(position_ids) is not None
         return make(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=None, position_ids=position_ids, **no_cache
+            config=self.flex_config if packed else self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=None,
+            position_ids=position_ids,
+            **no_cache,
         )
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -48,7 +48,7 @@ def peft_model(model_dir, source, target_modules, target_parameters, rank=4):
     config = peft.LoraConfig(
         r=rank, lora_alpha=rank, target_modules=target_modules, target_parameters=target_parameters
     )
-    return peft.get_peft_model(load_hf(model_dir, source.config._attn_implementation), config)
+    return peft.get_peft_model(load_hf(model_dir, source.attn_implementation), config)
 
 
 def peft_key(key: str) -> str:
@@ -78,7 +78,7 @@ def test_export_loads_in_peft_and_gives_lit_qlps_logits(tiny_model, tmp_path, ar
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits = layers[-1].logits(forward(layers, ids))
-        hf = load_hf(model_dir, source.config._attn_implementation)
+        hf = load_hf(model_dir, source.attn_implementation)
         base = hf(input_ids=ids).logits
         model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
         reference = model(input_ids=ids).logits
@@ -111,14 +111,14 @@ def test_expert_rank_exports_as_peft_patterns_with_lit_qlps_logits_and_merge(tin
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits = layers[-1].logits(forward(layers, ids))
-        hf = load_hf(model_dir, source.config._attn_implementation)
+        hf = load_hf(model_dir, source.attn_implementation)
         model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
         wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
         assert wrappers and {(w.r["default"], w.scaling["default"]) for w in wrappers} == {(2, 1.0)}
         torch.testing.assert_close(logits, model(input_ids=ids).logits)
 
         merge_lora(model_dir, tmp_path / "adapter", tmp_path / "merged")
-        ours = load_hf(tmp_path / "merged", source.config._attn_implementation).state_dict()
+        ours = load_hf(tmp_path / "merged", source.attn_implementation).state_dict()
         reference = model.merge_and_unload().state_dict()
     assert sorted(ours) == sorted(reference)
     for name, tensor in reference.items():
@@ -144,7 +144,7 @@ def test_export_with_some_layers_names_the_adapted_tensors(tiny_model, tmp_path)
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits = layers[-1].logits(forward(layers, ids))
-        hf = load_hf(model_dir, source.config._attn_implementation)
+        hf = load_hf(model_dir, source.attn_implementation)
         reference = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=ids).logits
     torch.testing.assert_close(logits, reference)
 

@@ -53,7 +53,7 @@ def test_first_step_loss_and_lora_gradients_match_peft(tiny_model, arch, target_
     source, layers, loss_fn = build_lit_layers(model_dir, 4, target_modules, layers_to_transform)
     ours = lora_tensors(layers)
 
-    hf = load_hf(model_dir, source.config._attn_implementation)
+    hf = load_hf(model_dir, source.attn_implementation)
     config = peft.LoraConfig(
         r=4,
         lora_alpha=4,

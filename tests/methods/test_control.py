@@ -306,11 +306,9 @@ def test_converted_lora_loads_in_peft_and_is_exact_for_parallel_blocks(tiny_mode
         for layer in layers:
             x = layer(x)
         logits = layers[-1].logits(x)
-        model = peft.PeftModel.from_pretrained(
-            load_hf(model_dir, source.config._attn_implementation), tmp_path / "lora"
-        )
+        model = peft.PeftModel.from_pretrained(load_hf(model_dir, source.attn_implementation), tmp_path / "lora")
         reference = model.eval()(input_ids=ids).logits
-        base = load_hf(model_dir, source.config._attn_implementation)(input_ids=ids).logits
+        base = load_hf(model_dir, source.attn_implementation)(input_ids=ids).logits
     torch.testing.assert_close(logits, reference)
     assert not torch.allclose(reference, base)
 
@@ -321,7 +319,7 @@ def test_converted_lora_loads_in_peft_and_is_exact_for_parallel_blocks(tiny_mode
 
     merge_lora(model_dir, tmp_path / "lora", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "merged", dtype=torch.float32, attn_implementation=source.config._attn_implementation
+        tmp_path / "merged", dtype=torch.float32, attn_implementation=source.attn_implementation
     ).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-5)

@@ -61,7 +61,7 @@ def test_forward_is_the_control_formulas_on_transformers_bitsandbytes_layers(tin
     adapter = ControlAdapter(rank, 0.0, layers_with, source.config.hidden_size, torch.float32, seed=0)
     layers = stage_layers(source, adapter, base=BitsAndBytes4bit(quant_type, double_quant), loss=TokenWeightedLoss())
     generator = torch.Generator().manual_seed(3)
-    hf = hf_4bit(model_dir, quant_type, double_quant, source.config._attn_implementation)
+    hf = hf_4bit(model_dir, quant_type, double_quant, source.attn_implementation)
     ids = torch.randint(3, VOCAB, (1, SEQ), generator=generator)
     classes = torch.randint(-1, 2, (1, SEQ), generator=generator)
     hooks = []

@@ -41,11 +41,9 @@ def test_export_loads_in_peft_and_gives_lit_qlps_logits(tiny_model, tmp_path, us
         for layer in layers:
             x = layer(x)
         logits = layers[-1].logits(x)
-        model = peft.PeftModel.from_pretrained(
-            load_hf(model_dir, source.config._attn_implementation), tmp_path / "adapter"
-        )
+        model = peft.PeftModel.from_pretrained(load_hf(model_dir, source.attn_implementation), tmp_path / "adapter")
         reference = model.eval()(input_ids=ids).logits
-        base = load_hf(model_dir, source.config._attn_implementation)(input_ids=ids).logits
+        base = load_hf(model_dir, source.attn_implementation)(input_ids=ids).logits
     torch.testing.assert_close(logits, reference)
     assert not torch.allclose(logits, base, atol=1e-4)
 

@@ -42,7 +42,7 @@ def test_one_stage_holds_one_embedding_matrix_with_the_hf_loss(tiny_model, arch,
     trains = LoRA(rank=4) if method == "lora" else FullFineTuning()
     module = CausalLMModule(model_dir, method=trains, dtype="float32")
     layers = one_stage(module)
-    hf = load_hf(model_dir, module.source.config._attn_implementation)
+    hf = load_hf(model_dir, module.source.attn_implementation)
     assert hf.config.tie_word_embeddings and hf.lm_head.weight is hf.model.embed_tokens.weight
 
     # One matrix: the head's weight is the embedding's, and the stage holds what the HF model holds (plus LoRA).

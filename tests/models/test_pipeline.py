@@ -33,7 +33,7 @@ def test_one_stage_matches_hf(tiny_model, arch):
     source = ModelSource(model_dir, dtype="float32")
     loss_fn = TokenWeightedLoss()
     layers = stage_layers(source, loss=loss_fn)
-    hf = load_hf(model_dir, source.config._attn_implementation)
+    hf = load_hf(model_dir, source.attn_implementation)
     ids = batch()
     labels = ids.clone()
     labels[0, :5] = -100
@@ -61,7 +61,7 @@ def test_mask_and_rotary_are_computed_once_per_micro_batch(tiny_model, monkeypat
     source = ModelSource(model_dir, dtype="float32")
     assert source.quirks.num_layers > 1
     *layers, head = stage_layers(source)
-    hf = load_hf(model_dir, source.config._attn_implementation)
+    hf = load_hf(model_dir, source.attn_implementation)
     ids = batch()
     plain = torch.arange(SEQ).unsqueeze(0)
     packed = torch.cat((torch.arange(10), torch.arange(SEQ - 10))).unsqueeze(0)  # two sequences in one row
@@ -105,7 +105,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_stage_worker(rank: int, world_size: int, port: int, model_dirs: dict, out: dict) -> None:
+def packed_positions(lengths: list[int] | None) -> torch.Tensor:
+    """[1, SEQ] position ids of documents of ``lengths`` packed in one row, each counting from 0 (None: one document
+    of SEQ tokens)."""
+    if lengths is None:
+        return torch.arange(SEQ).unsqueeze(0)
+    assert sum(lengths) == SEQ
+    return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+
+
+def _two_stage_worker(
+    rank: int, world_size: int, port: int, model_dirs: dict, out: dict, lengths: list[int] | None = None
+) -> None:
     import os
 
     import deepspeed
@@ -133,9 +144,10 @@ def _two_stage_worker(rank: int, world_size: int, port: int, model_dirs: dict, o
             pipe = build_pipeline(spec, parts, topology, activation_checkpointing=False)
             engine = build_engine(pipe, None, engine_config(gradient_accumulation_steps=1, gradient_clipping=0.0))
             ids = batch()
-            labels = shift_left(ids, -100)
+            positions = packed_positions(lengths)
+            labels = shift_left(torch.where(positions == 0, -100, ids), -100)  # no target across documents
             spec.loss_fn.normalize_by(float((labels != -100).sum()))
-            micro = ((ids, torch.arange(SEQ).unsqueeze(0), torch.zeros_like(ids)), labels)
+            micro = ((ids, positions, torch.zeros_like(ids)), labels)
             loss, hidden = engine.eval_batch(iter([micro]), return_logits=True, num_micro_batches=1)
             if engine.is_last_stage():
                 with torch.no_grad():
@@ -156,7 +168,7 @@ def test_two_stages_in_two_processes_match_hf(tiny_model):
     for arch, (loss, logits, local_layers) in results.items():
         source = ModelSource(model_dirs[arch], dtype="float32")
         assert local_layers == 3, f"{arch}: the last stage should hold 2 decoder layers + the head"
-        hf = load_hf(model_dirs[arch], source.config._attn_implementation)
+        hf = load_hf(model_dirs[arch], source.attn_implementation)
         ids = batch()
         with torch.no_grad():
             reference = hf(ids, labels=ids)
