@@ -34,6 +34,12 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
   (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload``
   ``activation_offload``.
 
+Any lit mode with ``-documents`` appended (``lit-qlora-compile-embcpu-documents``) trains on documents packed on
+their own (``data.packing: documents``): random documents of ``--document-tokens MIN:MAX`` tokens (uniform,
+seeded), each opening with BOS, packed by lit_qlp's own ``pack_documents`` (best fit, positions restarting per
+document, padding at the end of each sequence); its tokens/s counts the real tokens only (the padding left out), and
+it reports the padding fraction. The mode without the suffix, in the same command, is the concatenated baseline.
+
 Hugging Face baselines (``--micro-batches`` sequences of micro-batch 1 per optimizer step, non-reentrant
 activation checkpointing, AdamW, SDPA; on MoE shapes LoRA also on the fused expert tensors through PEFT's
 ``target_parameters``, as lit_qlp's ``all-linear`` does):
@@ -386,6 +392,37 @@ LIT_MODES = {
 LoRA's ``compute_in_weight_dtype``, the strategy's activation options and the module's other options."""
 
 
+DOCUMENTS = "-documents"
+"""Suffix of a lit mode that trains on documents packed on their own."""
+
+
+def document_rows(rows: int, seq: int, vocab: int, lengths: tuple[int, int]) -> tuple[list[dict], float]:
+    """``rows`` batch rows of random documents of ``lengths[0]``..``lengths[1]`` tokens (BOS + random ids) packed on
+    their own by ``lit_qlp.data.packing.pack_documents``, and the fraction of their tokens that is padding."""
+    import numpy as np
+
+    from lit_qlp.data.packing import pack_documents
+    from lit_qlp.data.tokenize import Encoded
+
+    rng = np.random.default_rng(0)
+    documents: list = []
+    packed = None
+    while packed is None or len(packed.input_ids) < rows + 1:  # the last row may be the only one left half empty
+        for _ in range(max(rows, 1) * seq // lengths[0]):
+            ids = rng.integers(3, vocab, int(rng.integers(lengths[0], lengths[1] + 1)))
+            documents.append(Encoded(ids, np.ones(len(ids), dtype=bool)))
+        packed = pack_documents(documents, [0] * len(documents), seq, [1], "split", pad_id=0)
+    batch = [
+        {
+            "input_ids": torch.from_numpy(packed.input_ids[r]),
+            "labels": torch.from_numpy(packed.labels[r]),
+            "position_ids": torch.from_numpy(packed.position_ids[r]),
+        }
+        for r in range(rows)
+    ]
+    return batch, float((packed.input_ids[:rows] == 0).mean())  # padding is id 0, documents are BOS (1) and 3+
+
+
 def lit_module_options(options: dict, rank: int) -> tuple[dict, dict]:
     """``CausalLMModule`` and ``PipelineStrategy`` keyword arguments of a ``LIT_MODES`` entry."""
     from lit_qlp.bases import BitsAndBytes4bit
@@ -452,14 +489,21 @@ def run_lit(args, mode: str) -> dict:
                 self.kernel_seconds = kernel_seconds(averages)
                 self.profiler = None
 
+    documents = mode.endswith(DOCUMENTS)
+    padding = 0.0
+
     class RandomTokens(pl.LightningDataModule):
         def train_dataloader(self):
-            generator = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, vocab, (total, args.seq), generator=generator)
-            rows = [{"input_ids": r, "labels": r} for r in ids]
+            nonlocal padding
+            if documents:
+                rows, padding = document_rows(total, args.seq, vocab, args.document_tokens)
+            else:
+                generator = torch.Generator().manual_seed(0)
+                ids = torch.randint(0, vocab, (total, args.seq), generator=generator)
+                rows = [{"input_ids": r, "labels": r} for r in ids]
             return DataLoader(rows, batch_size=args.micro_batches)
 
-    options, strategy_options = lit_module_options(LIT_MODES[mode], args.rank)
+    options, strategy_options = lit_module_options(LIT_MODES[mode.removesuffix(DOCUMENTS)], args.rank)
     module = CausalLMModule(args.model_dir, dtype="bfloat16", lr=1e-5, random_weights=args.random_weights, **options)
     vocab = module.source.config.vocab_size
     replicas = args.devices // args.pipeline_stages
@@ -478,7 +522,8 @@ def run_lit(args, mode: str) -> dict:
         return None
     step = statistics.median(times[args.warmup : args.warmup + args.steps])
     result = {
-        "tokens_per_s": replicas * args.micro_batches * args.seq / step,
+        "tokens_per_s": replicas * args.micro_batches * args.seq * (1 - padding) / step,
+        "padding": padding,
         "peak_gib": max(peak for peak, _ in timer.per_process),
         "peak_gib_per_process": [peak for peak, _ in timer.per_process],
         "step_s": step,
@@ -492,14 +537,19 @@ def run_lit(args, mode: str) -> dict:
 HF_MODES = ("hf-lora", "hf-qlora", "hf-qlora-kbit", "hf-full", "hf-qlora-attn", "hf-qlora-expert-r2")
 RUNNERS = {
     **{mode: functools.partial(run_lit, mode=mode) for mode in LIT_MODES},
+    **{mode + DOCUMENTS: functools.partial(run_lit, mode=mode + DOCUMENTS) for mode in LIT_MODES},
     **{mode: functools.partial(run_hf, mode=mode) for mode in HF_MODES},
 }
 # Each lit mode against the HF baseline of its training mode; the usual QLoRA recipe against the fastest one.
-BASELINE = {mode: f"hf-{options['training']}" for mode, options in LIT_MODES.items()} | {
-    "hf-qlora-kbit": "hf-qlora",
-    "lit-qlora-attn": "hf-qlora-attn",
-    "lit-qlora-expert-r2": "hf-qlora-expert-r2",
-}
+BASELINE = (
+    {mode: f"hf-{options['training']}" for mode, options in LIT_MODES.items()}
+    | {mode + DOCUMENTS: mode for mode in LIT_MODES}
+    | {
+        "hf-qlora-kbit": "hf-qlora",
+        "lit-qlora-attn": "hf-qlora-attn",
+        "lit-qlora-expert-r2": "hf-qlora-expert-r2",
+    }
+)
 
 
 def main() -> None:
@@ -529,6 +579,12 @@ def main() -> None:
         action="store_true",
         help="write only the config; lit_qlp fills random weights on each stage's device, the hf modes build the "
         "model from the config on the device",
+    )
+    parser.add_argument(
+        "--document-tokens",
+        type=lambda v: tuple(int(n) for n in v.split(":")),
+        default=(200, 800),
+        help="modes ending in -documents: MIN:MAX tokens per random document (default 200:800)",
     )
     parser.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -582,6 +638,8 @@ def main() -> None:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "baseline"
         gpus = args.devices if mode.startswith("lit-") else 1
         peaks = ", ".join(f"{p:.2f}" for p in r.get("peak_gib_per_process", [r["peak_gib"]]))
+        if r.get("padding"):
+            ratio += f" ({r['padding']:.1%} padding)"
         print(
             f"| {mode} | {args.seq} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} | "
             f"{r['tokens_per_s'] / (limit * gpus):.1%} | {peaks} | {r.get('trainable', 0):,} |"

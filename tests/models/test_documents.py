@@ -119,3 +119,49 @@ def test_two_stages_in_two_processes_give_each_document_its_own_logits(tiny_mode
                 runs.append(hf(ids[:, at : at + n], labels=ids[:, at : at + n]).loss * (n - 1))
                 at += n
         torch.testing.assert_close(loss, sum(runs) / (SEQ - len(LENGTHS)), msg=lambda m: f"{arch} loss: {m}")
+
+
+def step_on(device: str, model_dir, document_attention: str, compile: bool = False):
+    """Loss, per-document logits and gradients of every decoder weight for one packed micro-batch in float32."""
+    from lit_qlp.models.pipeline import DecoderLayerPipe, EmbeddingPipe, OutputPipe, StageBuilder
+
+    source = ModelSource(model_dir, dtype="float32", document_attention=document_attention)
+    trainable = frozenset(n for n, _ in source.skeleton.named_parameters() if ".layers." in n)
+    builder = StageBuilder(source, torch.device(device), None, trainable)
+    loss_fn = TokenWeightedLoss()
+    decoders = [DecoderLayerPipe(builder, i, compile=compile) for i in range(source.quirks.num_layers)]
+    layers = [EmbeddingPipe(builder), *decoders, OutputPipe(builder, loss_fn)]
+    ids, positions = batch().to(device), packed_positions(LENGTHS).to(device)
+    labels = packed_labels(ids, positions)
+    loss_fn.normalize_by(float((labels != -100).sum()))
+    x = (ids, positions, torch.zeros_like(ids))
+    for layer in layers:
+        x = layer(x)
+    loss = loss_fn(x, labels)
+    loss.backward()
+    grads = {
+        f"{layer.index}.{n}": p.grad.cpu()
+        for layer in decoders
+        for n, p in layer.named_parameters()
+        if p.grad is not None
+    }
+    with torch.no_grad():
+        return source, loss.detach().cpu(), layers[-1].logits(x).cpu(), grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_flex_on_cuda_trains_each_document_on_its_own(tiny_model, arch, compile):
+    """CUDA's default kernel for packed documents, FlexAttention (eager layers, and compiled ones as the GPU recipes
+    run them): HF's logits and loss per document, and the gradients of the block-diagonal mask path."""
+    model_dir = tiny_model(arch)
+    source, loss, logits, grads = step_on("cuda", model_dir, "auto", compile)
+    assert source.flex_for_documents(torch.device("cuda"))
+    hf = load_hf(model_dir, source.attn_implementation)
+    assert_per_document(arch, logits, loss, hf_per_document(hf, batch()))
+    _, mask_loss, _, mask_grads = step_on("cuda", model_dir, "mask")
+    torch.testing.assert_close(loss, mask_loss)
+    assert sorted(grads) == sorted(mask_grads) and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, mask_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
