@@ -40,7 +40,7 @@ def test_smollm2_lora_lowers_the_held_out_loss(tmp_path):
     gguf_to_hf(gguf, tmp_path / "smollm2")
     args = ["fit", "--config", str(ROOT / "configs" / "demo_chat.yaml"), f"--model.model_dir={tmp_path / 'smollm2'}"]
     args += [f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=6", "--data.evals_per_epoch=40"]
-    args += ["--trainer.strategy.gradient_accumulation_steps=2"]
+    args += ["--trainer.strategy.gradient_accumulation_steps=2", "--data.max_sequences=null"]
     run_cli(args, ROOT)
     losses = scalars(tmp_path / "run", "eval/loss")
     steps = sorted(losses)
