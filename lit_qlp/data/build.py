@@ -231,16 +231,13 @@ class SequenceBuilder:
             groups = per_dataset
         whole_chats = self.chat_packing == "whole"
         pad_id = pad_token_id(tokenizer)
-        if self.packing == "documents":
-            packed_groups = [
-                pack_documents(docs, classes, self.sequence_len, prefix, self.long_documents, pad_id)
-                for docs, classes in groups
-            ]
-        else:
-            packed_groups = [
-                pack(docs, classes, self.sequence_len, prefix, self.drop_tails, whole_chats, pad_id)
-                for docs, classes in groups
-            ]
+
+        def pack_group(docs: list, classes: list[int]) -> Packed:
+            if self.packing == "documents":
+                return pack_documents(docs, classes, self.sequence_len, prefix, self.long_documents, pad_id)
+            return pack(docs, classes, self.sequence_len, prefix, self.drop_tails, whole_chats, pad_id)
+
+        packed_groups = [pack_group(docs, classes) for docs, classes in groups]
         if not self.mix_datasets:
             for stat, packed in zip(stats, packed_groups):
                 stat["sequences"] = len(packed.input_ids)

@@ -132,8 +132,8 @@ class ModelSource:
             [seq, seq] tensor; compiled by torch, also on the CPU, about 10 s per shape there); "mask": transformers'
             mask with the documents' blocks on its diagonal, for SDPA or eager attention ([seq, seq] booleans per
             micro-batch, and SDPA cannot use its fastest kernels with a mask). Flex needs SDPA attention
-            (``attn_implementation``); models that run eager attention use the mask. Sequences of one document run
-            the causal kernel whatever this says.
+            (``attn_implementation``); models that run eager attention use the mask. A sequence of one document
+            runs SDPA's own path (its causal kernel) whatever this says.
 
     Attributes:
         attn_implementation: The attention the model runs, "sdpa" or "eager" (the config names ``SDPA_OR_FLEX``
