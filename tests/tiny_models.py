@@ -80,12 +80,15 @@ MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "cohere", *MOE_ARCHITECTURES)
 
 
-def make_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
-    """Saves a randomly initialised tiny ``arch`` model (float32, safetensors) into ``directory``."""
+def make_tiny_model(arch: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """Saves a randomly initialised tiny ``arch`` model (float32, safetensors) into ``directory``; ``overrides`` set
+    config attributes (``head_dim=16``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = _configs()[arch]
+    for name, value in overrides.items():
+        setattr(config, name, value)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         # Non-trivial norm weights, so that a norm loaded wrongly would show.

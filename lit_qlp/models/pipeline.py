@@ -103,6 +103,9 @@ register_attention_by_mask(SDPA_OR_FLEX)
 
 DocumentAttention = Literal["auto", "flex", "mask"]
 
+FLEX_MIN_HEAD_DIM = 16
+"""The smallest head dimension torch's FlexAttention kernels take on CUDA (its Triton lowering refuses less)."""
+
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -184,10 +187,23 @@ class ModelSource:
         return self.skeleton.get_submodule(name)
 
     def flex_for_documents(self, device: torch.device) -> bool:
-        """Whether stages on ``device`` run FlexAttention for documents packed on their own (``document_attention``)."""
+        """Whether stages on ``device`` run FlexAttention for documents packed on their own (``document_attention``).
+
+        On CUDA FlexAttention needs heads of at least ``FLEX_MIN_HEAD_DIM`` dimensions: "auto" then uses the mask,
+        "flex" raises ValueError.
+        """
         if self.attn_implementation != "sdpa" or self.document_attention == "mask":
             return False
-        return self.document_attention == "flex" or torch.device(device).type == "cuda"
+        on_cuda = torch.device(device).type == "cuda"
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        if on_cuda and head_dim < FLEX_MIN_HEAD_DIM:
+            if self.document_attention == "flex":
+                raise ValueError(
+                    f"model.document_attention=flex: FlexAttention on CUDA needs heads of at least "
+                    f"{FLEX_MIN_HEAD_DIM} dimensions, this model's have {head_dim}; use model.document_attention=mask"
+                )
+            return False
+        return self.document_attention == "flex" or on_cuda
 
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for p in self.submodule(name).parameters())

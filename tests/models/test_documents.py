@@ -12,7 +12,7 @@ from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.models.pipeline import ModelSource
 from lit_qlp.module import shift_left
 from tests.models.test_pipeline import SEQ, _free_port, _two_stage_worker, batch, packed_positions
-from tests.tiny_models import ARCHITECTURES, load_hf, stage_layers
+from tests.tiny_models import ARCHITECTURES, load_hf, make_tiny_model, stage_layers
 
 # Three documents and a padding tail; the 10-token one is longer than the sliding windows (8) of mistral and gemma2.
 LENGTHS = [7, 10, 4, 3]
@@ -87,10 +87,17 @@ def test_flex_attention_gives_each_document_its_own_logits(tiny_model, arch):
     assert_per_document(arch, logits, loss, hf_per_document(hf, batch()))
 
 
+def test_flex_on_cuda_needs_heads_of_16(tiny_model):
+    """FlexAttention's CUDA kernels refuse heads under 16 dimensions (the tiny models have 8): auto keeps the mask."""
+    assert not ModelSource(tiny_model("llama"), dtype="float32").flex_for_documents(torch.device("cuda"))
+    with pytest.raises(ValueError, match="FlexAttention on CUDA needs heads of at least 16 dimensions, this model's"):
+        ModelSource(tiny_model("llama"), dtype="float32", document_attention="flex").flex_for_documents("cuda")
+    assert ModelSource(tiny_model("llama"), dtype="float32", document_attention="flex").flex_for_documents("cpu")
+
+
 def test_flex_needs_sdpa(tiny_model):
     with pytest.raises(ValueError, match="model.document_attention=flex runs FlexAttention in place of SDPA, but"):
         ModelSource(tiny_model("llama"), dtype="float32", attn_implementation="eager", document_attention="flex")
-    assert ModelSource(tiny_model("llama"), dtype="float32").flex_for_documents(torch.device("cuda"))
     assert not ModelSource(tiny_model("llama"), dtype="float32").flex_for_documents(torch.device("cpu"))
     mask = ModelSource(tiny_model("llama"), dtype="float32", document_attention="mask")
     assert not mask.flex_for_documents(torch.device("cuda"))
@@ -152,10 +159,11 @@ def step_on(device: str, model_dir, document_attention: str, compile: bool = Fal
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
 @pytest.mark.parametrize("compile", [False, True])
-def test_flex_on_cuda_trains_each_document_on_its_own(tiny_model, arch, compile):
+def test_flex_on_cuda_trains_each_document_on_its_own(tmp_path, arch, compile):
     """CUDA's default kernel for packed documents, FlexAttention (eager layers, and compiled ones as the GPU recipes
-    run them): HF's logits and loss per document, and the gradients of the block-diagonal mask path."""
-    model_dir = tiny_model(arch)
+    run them), on the tiny model with heads of 16 (CUDA's FlexAttention needs 16): HF's logits and loss per
+    document, and the gradients of the block-diagonal mask path."""
+    model_dir = make_tiny_model(arch, tmp_path / arch, head_dim=16)
     source, loss, logits, grads = step_on("cuda", model_dir, "auto", compile)
     assert source.flex_for_documents(torch.device("cuda"))
     hf = load_hf(model_dir, source.attn_implementation)
