@@ -217,6 +217,7 @@ class CausalLMModule(pl.LightningModule):
         this method and base."""
         if self.base is not None:
             self.base.check_device(device)
+        self.source.flex_for_documents(device)  # document_attention=flex where the device's kernels refuse the model
         try:
             datamodule = self.trainer.datamodule
         except RuntimeError:  # not attached to a Trainer

@@ -93,6 +93,12 @@ def test_flex_on_cuda_needs_heads_of_16(tiny_model):
     with pytest.raises(ValueError, match="FlexAttention on CUDA needs heads of at least 16 dimensions, this model's"):
         ModelSource(tiny_model("llama"), dtype="float32", document_attention="flex").flex_for_documents("cuda")
     assert ModelSource(tiny_model("llama"), dtype="float32", document_attention="flex").flex_for_documents("cpu")
+    from lit_qlp.module import CausalLMModule
+
+    module = CausalLMModule(tiny_model("llama"), dtype="float32", document_attention="flex")
+    with pytest.raises(ValueError, match="FlexAttention on CUDA needs heads of at least 16"):
+        module.check_device(torch.device("cuda"))  # what the strategy calls before anything is written
+    module.check_device(torch.device("cpu"))
 
 
 def test_flex_needs_sdpa(tiny_model):
