@@ -590,6 +590,11 @@ def main() -> None:
     args = parser.parse_args()
     args.model_dir = args.model_dir or Path(f"/tmp/bench-{args.shape}")
 
+    low, *high = args.document_tokens
+    if len(high) != 1 or not 0 < low <= high[0]:
+        parser.error(
+            f"--document-tokens={':'.join(map(str, args.document_tokens))} must be MIN:MAX with 0 < MIN <= MAX"
+        )
     if args.devices % args.pipeline_stages:
         parser.error(f"--devices={args.devices} must be a multiple of --pipeline-stages={args.pipeline_stages}")
     if args.run:

@@ -77,3 +77,10 @@ def test_hf_baseline_adapts_what_the_lit_mode_adapts_on_moe(tmp_path, mode):
     assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == lit
     assert not any(".gate.lora" in n for n in trained)  # the router stays frozen, as in lit_qlp
     assert any(".experts." in n for n in trained) == (mode != "hf-qlora-attn")
+
+
+@pytest.mark.parametrize("value", ["800:200", "0:10", "300"])
+def test_document_tokens_must_be_a_range(value):
+    command = [sys.executable, ROOT / "tools" / "benchmark.py", "--document-tokens", value, "--modes", "lit-lora"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and f"--document-tokens={value} must be MIN:MAX with 0 < MIN <= MAX" in result.stderr
