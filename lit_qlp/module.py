@@ -64,6 +64,16 @@ class CausalLMModule(pl.LightningModule):
             of an 8B model on an H200 waits on the CPU). All layers share one compiled graph. The first step of
             each shape (training, evaluation) compiles first, about a minute on an 8B model; after a second
             sequence length the code is recompiled for any length.
+        long_context: Train long sequences (Llama-3-8B QLoRA on one GPU: from about 16k tokens; README, Long
+            context) in less memory: each decoder layer's MLP runs over the sequence in chunks of
+            ``mlp_chunk_tokens`` tokens, recomputed chunk by chunk in its backward pass (its [seq, intermediate]
+            activations never exist whole: 7 GiB at seq 65536 for Llama-3-8B), and the activation checkpoint keeps
+            each layer's input and MLP output in pinned CPU memory (the strategy's ``activation_offload``, turned
+            on by this option; 2 × seq × hidden × 2 bytes of host memory per decoder layer, 32 GiB at seq 65536 for
+            Llama-3-8B), so that the recomputation skips the MLP. Needs the strategy's activation checkpointing.
+            Exact: the same loss and gradients as without. Sequences of at most ``mlp_chunk_tokens`` run as usual.
+        mlp_chunk_tokens: Tokens per MLP chunk under ``long_context``: smaller holds less (4 × chunk ×
+            intermediate × 2 bytes of MLP activations), larger runs bigger matmuls.
         trust_remote_code: Allow custom model code from ``model_dir``'s config.
         random_weights: Random weights instead of ``model_dir``'s checkpoint (which then needs only
             ``config.json``): for measuring the speed and memory of a shape without its weights, as
@@ -89,6 +99,8 @@ class CausalLMModule(pl.LightningModule):
         loss_implementation: Literal["auto", "triton", "torch"] = "auto",
         loss_chunk_size: int = 1024,
         compile_layers: bool = False,
+        long_context: bool = False,
+        mlp_chunk_tokens: int = 4096,
         trust_remote_code: bool = False,
         random_weights: bool = False,
         default_callbacks: bool = True,
@@ -104,6 +116,8 @@ class CausalLMModule(pl.LightningModule):
             raise ValueError(f"model.lr={lr} must be positive")
         if loss_chunk_size < 1:
             raise ValueError(f"model.loss_chunk_size={loss_chunk_size} must be a positive number of tokens")
+        if mlp_chunk_tokens < 1:
+            raise ValueError(f"model.mlp_chunk_tokens={mlp_chunk_tokens} must be a positive number of tokens")
         self.method = LoRA() if method is None else method
         self.base = base
         self.source = ModelSource(
@@ -124,6 +138,9 @@ class CausalLMModule(pl.LightningModule):
             )
         self.embeddings_on_cpu = embeddings_on_cpu
         self.compile_layers = compile_layers
+        self.long_context = long_context
+        self.mlp_chunk_tokens = mlp_chunk_tokens
+        self.offload_activations = long_context  # read by the strategy (OffloadsActivations)
         self.lr = lr
         self.betas = tuple(betas)
         self.eps = eps
@@ -141,7 +158,13 @@ class CausalLMModule(pl.LightningModule):
         builder = StageBuilder(self.source, torch.device(device), self.base, self.trainable)
         adapter = self.method.layer_adapter(self.source, seed=torch.initial_seed())
         return pipeline_spec(
-            builder, self.loss_fn, adapter, self.embeddings_on_cpu, self.compile_layers, pipeline_stages
+            builder,
+            self.loss_fn,
+            adapter,
+            self.embeddings_on_cpu,
+            self.compile_layers,
+            pipeline_stages,
+            mlp_chunk_tokens=self.mlp_chunk_tokens if self.long_context else None,
         )
 
     @override

@@ -33,6 +33,9 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-lora-compile`` / ``lit-qlora-compile``: the fast path with each decoder layer under ``torch.compile``
   (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload``
   ``activation_offload``.
+- ``lit-qlora-long`` / ``lit-qlora-long-compile``: long sequences (``long_context: true``: the MLP in chunks of
+  4096 tokens, the layer inputs and MLP outputs in CPU memory), the low-rank path in bf16, the embedding on the CPU;
+  eager / compiled layers.
 
 Any lit mode with ``-documents`` appended (``lit-qlora-compile-embcpu-documents``) trains on documents packed on
 their own (``data.packing: documents``): random documents of ``--document-tokens MIN:MAX`` tokens (uniform,
@@ -383,6 +386,11 @@ LIT_MODES = {
     "lit-lora-compile-embcpu": dict(training="lora", **FAST, compile_layers=True, embeddings_on_cpu=True),
     "lit-qlora-compile-embcpu": dict(training="qlora", **FAST, compile_layers=True, embeddings_on_cpu=True),
     "lit-lora-compile-offload": dict(training="lora", **FAST, compile_layers=True, activation_offload=True),
+    # Long sequences (model.long_context): the MLP in chunks of 4096 tokens, layer inputs and MLP outputs on the host.
+    "lit-qlora-long": dict(training="qlora", **FAST, long_context=True, embeddings_on_cpu=True),
+    "lit-qlora-long-compile": dict(
+        training="qlora", **FAST, long_context=True, embeddings_on_cpu=True, compile_layers=True
+    ),
     # MoE: LoRA on the attention projections only (the experts frozen in 4-bit).
     "lit-qlora-attn": dict(training="qlora", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     # MoE: rank-2 pairs on the experts (--rank on the linear layers).
@@ -461,6 +469,9 @@ def run_lit(args, mode: str) -> dict:
             self.per_process = trainer.strategy.all_gather_object((peak_memory(device), self.kernel_seconds))
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if args.memory and batch_idx == args.warmup + args.steps:  # one more step, not timed
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+                torch.cuda.reset_peak_memory_stats()
             if args.profile and batch_idx == args.warmup + args.steps:  # one more step, not timed
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device != "cpu":
@@ -472,6 +483,16 @@ def run_lit(args, mode: str) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             synchronize(device)
+            if args.memory and batch_idx == args.warmup + args.steps:
+                from memory_peak import peak_breakdown  # tools/, this script's directory
+
+                snapshot = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                args.memory.mkdir(parents=True, exist_ok=True)
+                suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+                (args.memory / f"memory-{mode}{suffix}.txt").write_text(peak_breakdown(snapshot))
+                if self.profiler is None:
+                    return
             if self.profiler is None:
                 times.append(time.perf_counter() - self.start)
             else:
@@ -507,7 +528,7 @@ def run_lit(args, mode: str) -> dict:
     module = CausalLMModule(args.model_dir, dtype="bfloat16", lr=1e-5, random_weights=args.random_weights, **options)
     vocab = module.source.config.vocab_size
     replicas = args.devices // args.pipeline_stages
-    steps = args.warmup + args.steps + (1 if args.profile else 0)
+    steps = args.warmup + args.steps + (1 if args.profile or args.memory else 0)
     total = steps * args.micro_batches * replicas
     strategy = PipelineStrategy(
         pipeline_stages=args.pipeline_stages,
@@ -570,6 +591,13 @@ def main() -> None:
         default=None,
         help="lit modes: write a torch profiler table of one more step, after the timed ones, here (one per "
         "process), and report each process's GPU kernel time in that step: per pipeline stage, how busy it was",
+    )
+    parser.add_argument(
+        "--memory",
+        type=Path,
+        default=None,
+        help="lit modes on CUDA: record the allocator's history in one more step, after the timed ones, and write "
+        "what is live at its peak, by where it was allocated (tools/memory_peak.py), here",
     )
     parser.add_argument("--devices", type=int, default=1, help="lit modes: processes (one GPU each)")
     parser.add_argument("--pipeline-stages", type=int, default=1, help="lit modes: pipeline stages")
@@ -655,6 +683,9 @@ def main() -> None:
             print(f"{mode}: GPU kernel time per process (profiled step) against the {r['step_s']:.2f} s step: {busy}")
     if args.json:
         args.json.write_text(json.dumps({"limit": limit, "matmul_flops": flops, "results": results}, indent=2))
+    failed = [mode for mode, r in results.items() if "error" in r]
+    if failed:
+        sys.exit(f"benchmark: {', '.join(failed)} failed (above)")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def pipeline_spec(
     embeddings_on_cpu: bool = False,
     compile_layers: bool = False,
     pipeline_stages: int | None = None,
+    mlp_chunk_tokens: int | None = None,
 ) -> PipelineSpec:
     """The pipeline layers of a model: embedding, decoder layers (with ``adapter``), norm + fused head and loss.
 
@@ -78,13 +79,15 @@ def pipeline_spec(
         pipeline_stages: How many stages the layers are spread over; each holds at least one layer, so with two or
             more the embedding and the head are never on the same one. None (not known): the layout for any number,
             the head holding its own copy of a frozen tied matrix and a trained one in a ``TiedLayerSpec``.
+        mlp_chunk_tokens: Run each decoder layer's MLP in chunks of this many tokens (``model.long_context``);
+            None runs it whole.
     """
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     source = builder.source
     counts = stage_weights(source)
     decoders = [
-        LayerSpec(DecoderLayerPipe, builder, i, adapter, compile=compile_layers)
+        LayerSpec(DecoderLayerPipe, builder, i, adapter, compile=compile_layers, mlp_chunk_tokens=mlp_chunk_tokens)
         for i in range(source.quirks.num_layers)
     ]
     if source.quirks.tie_word_embeddings and pipeline_stages == 1 and not embeddings_on_cpu:

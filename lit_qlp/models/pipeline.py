@@ -31,6 +31,7 @@ from lit_qlp.compat.transformers import (
     supports_sdpa,
 )
 from lit_qlp.formats.hf import CheckpointReader
+from lit_qlp.models.chunked import chunk_mlp
 from lit_qlp.models.experts import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
 
 
@@ -405,10 +406,17 @@ class DecoderLayerPipe(nn.Module):
             fewer launches. Every layer shares the compiled code. The attention mask stays eager: traced,
             transformers materialises even a plain causal mask, and SDPA with a mask tensor is about 3x slower than
             its causal kernel (measured on an H200).
+        mlp_chunk_tokens: Run the layer's MLP over longer sequences in chunks of this many tokens
+            (``lit_qlp.models.chunked.ChunkedMLP``); None runs it whole.
     """
 
     def __init__(
-        self, builder: StageBuilder, index: int, adapter: LayerAdapter | None = None, compile: bool = False
+        self,
+        builder: StageBuilder,
+        index: int,
+        adapter: LayerAdapter | None = None,
+        compile: bool = False,
+        mlp_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.index = index
@@ -424,9 +432,12 @@ class DecoderLayerPipe(nn.Module):
         if adapter is not None:
             self.layer = adapter(self.layer, index, self.hf_prefix)
         self.passes_control_classes = isinstance(self.layer, TakesControlClasses)
+        chunked = chunk_mlp(self.layer, mlp_chunk_tokens) if mlp_chunk_tokens is not None else None
         if compile:
-            self.layer.compile()
+            self.layer.compile()  # its graph breaks around a ChunkedMLP, whose chunks run the MLP compiled on its own
             self.rotary_emb.compile()
+            if chunked is not None:
+                chunked.compile_mlp()
 
     def attention_mask(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         """The mask of this layer's attention type for ``position_ids``: transformers' mask functions find the

@@ -6,6 +6,8 @@ import functools
 
 import torch
 
+from lit_qlp.models.chunked import CheckpointStash, stashing
+
 
 @functools.cache
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -23,12 +25,18 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
+def _to_host_if_cuda(tensor: torch.Tensor) -> torch.Tensor:
+    return _to_host(tensor) if tensor.is_cuda else tensor
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Runs ``function(*inputs)`` without keeping activations; keeps floating CUDA inputs on the host.
 
     The backward pass copies the inputs back, recomputes the function with gradients and back-propagates through
-    it. ``anchor`` is an empty tensor that requires grad, so that the backward runs even when no input requires
-    grad (the first stage, whose embedding output is frozen) and the parameters inside still get gradients.
+    it. What the function's ``ChunkedMLP`` s keep during the forward pass (their outputs, in a ``CheckpointStash``,
+    also on the host) spares the recomputation their MLPs' forward. ``anchor`` is an empty tensor that requires
+    grad, so that the backward runs even when no input requires grad (the first stage, whose embedding output is
+    frozen) and the parameters inside still get gradients.
     """
 
     @staticmethod
@@ -41,7 +49,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.saved = [
             _to_host(x) if isinstance(x, torch.Tensor) and x.is_cuda and x.is_floating_point() else x for x in inputs
         ]
-        with torch.no_grad():
+        ctx.stash = CheckpointStash(offload=_to_host_if_cuda)
+        with torch.no_grad(), stashing(ctx.stash, replaying=False):
             outputs = function(*inputs)
         single = isinstance(outputs, torch.Tensor)
         ctx.single = single
@@ -62,13 +71,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             for device, state in ctx.cuda_rng.items():
                 torch.cuda.set_rng_state(state, device)
-            with torch.enable_grad():
+            with torch.enable_grad(), stashing(ctx.stash, replaying=True):
                 outputs = ctx.function(*inputs)
         outputs = (outputs,) if ctx.single else tuple(outputs)
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        ctx.saved = None
+        ctx.saved = ctx.stash = None
         input_grads = [
             x.grad if isinstance(x, torch.Tensor) and needs else None for x, needs in zip(inputs, ctx.grad_inputs)
         ]

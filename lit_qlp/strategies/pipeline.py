@@ -36,6 +36,14 @@ class ChecksDevice(Protocol):
     def check_device(self, device: torch.device) -> None: ...
 
 
+@runtime_checkable
+class OffloadsActivations(Protocol):
+    """A LightningModule whose layers want the offloaded activation checkpoint (``activation_offload``) whatever the
+    strategy's own option says (``CausalLMModule``'s ``long_context``)."""
+
+    offload_activations: bool
+
+
 class BatchResult(NamedTuple):
     """What one pipeline batch returns on every stage."""
 
@@ -284,6 +292,16 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
         super().setup_environment()
         if isinstance(self.lightning_module, ChecksDevice):
             self.lightning_module.check_device(self.root_device)
+        if self.module_offloads_activations() and not self.activation_checkpointing:
+            raise ValueError(
+                "model.long_context keeps the checkpointed layer inputs and MLP outputs in CPU memory, which needs "
+                "activation checkpointing; set trainer.strategy.activation_checkpointing=true (or turn "
+                "model.long_context off)"
+            )
+
+    def module_offloads_activations(self) -> bool:
+        module = self.lightning_module
+        return isinstance(module, OffloadsActivations) and module.offload_activations
 
     @override
     def setup_distributed(self) -> None:
@@ -312,9 +330,8 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
         parts = partition_layers(
             self.partition_method, self.pipeline_stages, spec.parameter_counts, types, self.activation_checkpointing
         )
-        pipe = pipeline_engine.build_pipeline(
-            spec, parts, self.topology, self.activation_checkpointing, self.activation_offload
-        )
+        offload = self.activation_offload or self.module_offloads_activations()
+        pipe = pipeline_engine.build_pipeline(spec, parts, self.topology, self.activation_checkpointing, offload)
         self.lightning_module.pipe = pipe  # configure_optimizers sees only this stage's parameters
         optimizer = self._only_optimizer(trainer) if trainer.state.fn == TrainerFn.FITTING else None
         config = pipeline_engine.engine_config(self.gradient_accumulation_steps, self.gradient_clipping)
@@ -393,4 +410,11 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
             torch.distributed.destroy_process_group()
 
 
-__all__ = ["BatchResult", "ChecksDevice", "PipelineStrategy", "check_options", "process_topology"]
+__all__ = [
+    "BatchResult",
+    "ChecksDevice",
+    "OffloadsActivations",
+    "PipelineStrategy",
+    "check_options",
+    "process_topology",
+]

@@ -1,0 +1,190 @@
+"""``model.long_context`` (lit_qlp/models/chunked.py): an MLP run in chunks of tokens gives the whole MLP's outputs
+and gradients, under both activation checkpoints, and the offloaded one skips the MLP in its recomputation."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
+from lit_qlp.models.chunked import ChunkedMLP, chunk_mlp
+from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder
+from lit_qlp.strategies.offload import offloaded_checkpoint
+from tests.runs import ROOT, fit_args, run_cli, scalars
+
+SEQ = 13
+CHUNK = 5  # chunks of 5, 5 and 3 tokens
+
+
+def decoder_layers(model_dir, chunk: int | None, method: str = "lora", dropout: float = 0.0):
+    """Decoder layers 0 and 1: LoRA on every linear layer and expert tensor (B random, so that every gradient is
+    non-zero), or every weight trained (``method="full"``)."""
+    source = ModelSource(model_dir, dtype="float32")
+    trainable = frozenset()
+    adapter = None
+    if method == "full":
+        trainable = frozenset(n for n, _ in source.skeleton.named_parameters() if n.startswith("model.layers."))
+    else:
+        adapter = LoraAdapter(4, 8, dropout, "all-linear", [0, 1], torch.float32, seed=0, expert_rank=2)
+    builder = StageBuilder(source, torch.device("cpu"), None, trainable)
+    layers = [DecoderLayerPipe(builder, i, adapter, mlp_chunk_tokens=chunk) for i in range(2)]
+    generator = torch.Generator().manual_seed(1)
+    for layer in layers:
+        for name, param in layer.named_parameters():
+            if param.requires_grad and ("lora_B" in name or "lora_b" in name.lower()):
+                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return layers
+
+
+def step(layers, checkpoint_with: str, seed: int = 5):
+    """Output, input gradient and every trained parameter's gradient of the layers run as the pipeline runs them."""
+    hidden_size = layers[0].config.hidden_size
+    hidden = torch.randn(1, SEQ, hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    positions = torch.arange(SEQ).unsqueeze(0)
+    x = (hidden, positions, torch.zeros(1, SEQ, dtype=torch.long))
+    torch.manual_seed(seed)
+    for layer in layers:
+        if checkpoint_with == "torch":
+            x = checkpoint(layer, x, use_reentrant=False)
+        elif checkpoint_with == "offload":
+            x = offloaded_checkpoint(layer, x)
+        else:
+            x = layer(x)
+    (x[0] * torch.linspace(-1, 1, hidden_size)).square().mean().backward()
+    named = {
+        f"{i}.{name}": param.grad
+        for i, layer in enumerate(layers)
+        for name, param in layer.named_parameters()
+        if param.requires_grad
+    }
+    return x[0].detach(), hidden.grad, named
+
+
+def assert_same_step(chunked, whole, tolerance=1e-5):
+    assert chunked[2].keys() == whole[2].keys() and len(whole[2]) > 0
+    torch.testing.assert_close(chunked[0], whole[0], rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=tolerance, atol=tolerance)
+    for name, grad in whole[2].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(chunked[2][name], grad, rtol=tolerance, atol=tolerance, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("checkpoint_with", ["torch", "offload"])
+def test_chunked_mlp_gives_the_whole_mlp_outputs_and_gradients(tiny_model, arch, checkpoint_with):
+    """LoRA on every linear layer and, on MoE models, rank-2 pairs on the expert tensors; the reference runs the
+    same layers with the MLP whole and no checkpoint."""
+    model_dir = tiny_model(arch)
+    whole = step(decoder_layers(model_dir, None), "none")
+    assert_same_step(step(decoder_layers(model_dir, CHUNK), checkpoint_with), whole)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_chunked_mlp_under_full_fine_tuning(tiny_model, arch):
+    """Every weight trains: the MLP's weight gradients are summed over the chunks (router included on MoE)."""
+    model_dir = tiny_model(arch)
+    whole = step(decoder_layers(model_dir, None, "full"), "none")
+    chunked = step(decoder_layers(model_dir, CHUNK, "full"), "offload")
+    assert any("mlp" in name for name in whole[2])
+    assert_same_step(chunked, whole)
+
+
+def test_chunked_mlp_replays_dropout(tiny_model, monkeypatch):
+    """LoRA dropout inside the MLP: the chunks recomputed in the backward pass draw the forward's masks. Reference:
+    the chunks run one after the other with plain autograd (the same random draws in the same order)."""
+    model_dir = tiny_model("llama")
+
+    def plain_chunks(self, x):
+        return torch.cat([self.call(x[..., start:stop, :]) for start, stop in self.spans(x)], dim=-2)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ChunkedMLP, "forward", plain_chunks)
+        reference = step(decoder_layers(model_dir, CHUNK, dropout=0.5), "none")
+        other_seed = step(decoder_layers(model_dir, CHUNK, dropout=0.5), "none", seed=6)
+    assert not torch.equal(other_seed[1], reference[1])  # dropout is active
+    for checkpoint_with in ("none", "torch", "offload"):
+        assert_same_step(step(decoder_layers(model_dir, CHUNK, dropout=0.5), checkpoint_with), reference)
+
+
+def test_offloaded_checkpoint_skips_the_mlp_in_its_recomputation(tiny_model):
+    """Chunks run per layer and step: forward 3 and backward 3 under the offloaded checkpoint (the recomputation
+    takes the kept output), 3 more under torch's, which recomputes the MLP; a sequence of at most one chunk runs the
+    MLP whole."""
+    model_dir = tiny_model("llama")
+    counts = {}
+    for checkpoint_with in ("offload", "torch"):
+        layers = decoder_layers(model_dir, CHUNK)
+        chunked = [m for layer in layers for m in layer.modules() if isinstance(m, ChunkedMLP)]
+        assert len(chunked) == 2
+        calls = []
+        for module in chunked:
+            module._mlp[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[-2]))
+        step(layers, checkpoint_with)
+        counts[checkpoint_with] = calls
+    assert sorted(counts["offload"]) == sorted([5, 5, 3] * 2 * 2)
+    assert sorted(counts["torch"]) == sorted([5, 5, 3] * 3 * 2)
+
+    layer = decoder_layers(model_dir, SEQ)[0]
+    calls = []
+    layer.layer.mlp._mlp[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[-2]))
+    step([layer], "offload")
+    assert calls == [SEQ, SEQ]  # forward, recomputation: plain checkpointing
+
+
+def test_chunked_mlp_keeps_every_name(tiny_model):
+    """State dict keys, parameter names and HF names are those of the layer without chunks."""
+    model_dir = tiny_model("qwen3_moe")
+    whole, chunked = decoder_layers(model_dir, None)[0], decoder_layers(model_dir, CHUNK)[0]
+    assert isinstance(chunked.layer.mlp, ChunkedMLP)
+    assert list(chunked.state_dict()) == list(whole.state_dict())
+    assert [n for n, _ in chunked.named_parameters()] == [n for n, _ in whole.named_parameters()]
+    assert list(chunked.hf_tensors()) == list(whole.hf_tensors())
+    assert sum(isinstance(m, LoraLinear) for m in chunked.modules()) == sum(
+        isinstance(m, LoraLinear) for m in whole.modules()
+    )
+
+
+def test_chunk_mlp_refuses_a_layer_without_one_mlp():
+    layer = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="module named 'mlp'.*model.long_context off"):
+        chunk_mlp(layer, 4)
+    with pytest.raises(ValueError, match="mlp_chunk_tokens=0 must be a positive"):
+        ChunkedMLP(torch.nn.Linear(2, 2), 0)
+
+
+def test_long_context_refusals(tiny_model, corpus, tmp_path):
+    """Refused before anything is written: no activation checkpointing; a chunk of no tokens."""
+    model_dir = tiny_model("llama")
+    for extra, message in (
+        (
+            ["--model.long_context=true", "--trainer.strategy.activation_checkpointing=false"],
+            "model.long_context .*activation_checkpointing=true",
+        ),
+        (["--model.long_context=true", "--model.mlp_chunk_tokens=0"], "mlp_chunk_tokens=0 must be a positive"),
+    ):
+        root = tmp_path / "refused"
+        args = fit_args(model_dir, corpus, root, *extra)
+        proc = subprocess.run([sys.executable, "-m", "lit_qlp", *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert re.search(message, proc.stderr), proc.stderr[-2000:]
+        assert not root.exists() or not any(root.rglob("*")), list(root.rglob("*"))
+
+
+@pytest.mark.slow
+def test_long_context_training_run_gives_the_usual_losses(tiny_model, corpus, tmp_path):
+    """Three steps with model.long_context (chunks of 16 tokens of the 64-token sequences, offloaded checkpoint)
+    give the losses of the same run without it."""
+    model_dir = tiny_model("llama")
+    common = ("--trainer.max_steps=3",)
+    run_cli(fit_args(model_dir, corpus, tmp_path / "plain", *common), ROOT)
+    long = ("--model.long_context=true", "--model.mlp_chunk_tokens=16")
+    run_cli(fit_args(model_dir, corpus, tmp_path / "long", *common, *long), ROOT)
+    plain, chunked = scalars(tmp_path / "plain", "train/loss"), scalars(tmp_path / "long", "train/loss")
+    assert sorted(chunked) == sorted(plain) == [0, 1, 2]
+    for index in plain:
+        assert chunked[index] == pytest.approx(plain[index], rel=1e-5), index
