@@ -64,14 +64,17 @@ class CausalLMModule(pl.LightningModule):
             of an 8B model on an H200 waits on the CPU). All layers share one compiled graph. The first step of
             each shape (training, evaluation) compiles first, about a minute on an 8B model; after a second
             sequence length the code is recompiled for any length.
-        long_context: Train long sequences (Llama-3-8B QLoRA on one GPU: from about 16k tokens; README, Long
-            context) in less memory: each decoder layer's MLP runs over the sequence in chunks of
+        long_context: Train long sequences in less GPU memory (for lengths that do not fit without it; README,
+            Long context): each decoder layer's MLP runs over the sequence in chunks of
             ``mlp_chunk_tokens`` tokens, recomputed chunk by chunk in its backward pass (its [seq, intermediate]
-            activations never exist whole: 7 GiB at seq 65536 for Llama-3-8B), and the activation checkpoint keeps
-            each layer's input and MLP output in pinned CPU memory (the strategy's ``activation_offload``, turned
-            on by this option; 2 × seq × hidden × 2 bytes of host memory per decoder layer, 32 GiB at seq 65536 for
-            Llama-3-8B), so that the recomputation skips the MLP. Needs the strategy's activation checkpointing.
-            Exact: the same loss and gradients as without. Sequences of at most ``mlp_chunk_tokens`` run as usual.
+            activations never exist whole: 7 GiB at seq 65536 for Llama-3-8B); the activation checkpoint keeps each
+            layer's input in pinned CPU memory (the strategy's ``activation_offload``, turned on by this option:
+            seq × hidden × 2 bytes per decoder layer, 16 GiB at seq 65536 for Llama-3-8B) and, as far as half the
+            host memory available at the start allows (split between a node's GPUs), each layer's attention and MLP
+            outputs too (as much again each), so that the recomputation in the backward pass skips the attention
+            kernel and the MLP (``lit_qlp.models.stash``); past that it computes them. Needs the strategy's
+            activation checkpointing. Exact: the same loss and gradients as without. The MLP of sequences of at
+            most ``mlp_chunk_tokens`` tokens runs whole.
         mlp_chunk_tokens: Tokens per MLP chunk under ``long_context``: smaller holds less (4 × chunk ×
             intermediate × 2 bytes of MLP activations), larger runs bigger matmuls.
         trust_remote_code: Allow custom model code from ``model_dir``'s config.
@@ -127,6 +130,7 @@ class CausalLMModule(pl.LightningModule):
             trust_remote_code=trust_remote_code,
             random_weights=random_weights,
             document_attention=document_attention,
+            keep_attention=long_context,
         )
         self.method.check(self.source, base)
         self.trainable = self.method.trainable(self.source)

@@ -2,7 +2,7 @@
 
     python tools/max_seq.py --start 65536 -- python tools/benchmark.py --shape llama3-8b --random-weights \\
         --seq {seq} --micro-batches 1 --warmup 0 --steps 1 --modes lit-qlora-long
-    PYTHONPATH=/tmp/site-peers python tools/max_seq.py --start 65536 --success "unsloth-qlora.*tokens" -- \\
+    PYTHONPATH=/tmp/site-peers python tools/max_seq.py --start 65536 -- \\
         python .peers/anchor_unsloth.py --modes unsloth-qlora --seq {seq} --micro-batches 1 --warmup 0 --steps 1
 
 Each trial runs the command with ``{seq}`` replaced by the length; it trains when the command exits with 0 (and its

@@ -71,13 +71,18 @@ def set_attn_implementation(config: PretrainedConfig, name: str) -> None:
     config._attn_implementation = name
 
 
-def register_attention_by_mask(name: str) -> None:
+def register_attention_by_mask(name: str, around_sdpa: Callable | None = None) -> None:
     """Registers attention implementation ``name``: transformers' flex attention (``flex_attention_forward``) where
     the mask is a FlexAttention ``BlockMask``, its SDPA attention for any other mask or none; and SDPA's mask function
     under the same name, so that ``create_causal_mask`` and the others build SDPA masks for it.
 
     A stage then picks the kernel per micro-batch by the mask it builds: a block mask for documents packed on their
     own (``find_packed_sequence_indices``), SDPA's causal kernel otherwise. Registering twice changes nothing.
+
+    Args:
+        name: The implementation's name (a config's ``_attn_implementation``).
+        around_sdpa: Called as ``around_sdpa(sdpa_attention_forward, module, query, ...)`` in place of the SDPA
+            forward (``lit_qlp.models.stash.kept_attention``), or None.
     """
     from torch.nn.attention.flex_attention import BlockMask
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -86,8 +91,11 @@ def register_attention_by_mask(name: str) -> None:
     from transformers.masking_utils import sdpa_mask
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        forward = flex_attention_forward if isinstance(attention_mask, BlockMask) else sdpa_attention_forward
-        return forward(module, query, key, value, attention_mask, **kwargs)
+        if isinstance(attention_mask, BlockMask):
+            return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if around_sdpa is not None:
+            return around_sdpa(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, sdpa_mask)

@@ -7,75 +7,31 @@ tensors, 7 GiB in bf16 (and their gradients as many again) inside the recomputed
 checkpointing: with chunks of 4096 tokens a sixteenth of that.
 
 Under lit_qlp's offloaded checkpoint (``lit_qlp.strategies.offload``) the MLP's output, [seq, hidden], is also kept
-in pinned CPU memory during the forward pass (``CheckpointStash``), so that the layer's recomputation in the backward
-pass takes it from there instead of running the MLP once more: the MLP then runs forward twice per step (forward,
-and chunk by chunk in its backward), as it does under plain checkpointing.
+in pinned CPU memory during the forward pass (``lit_qlp.models.stash``), so that the layer's recomputation in the
+backward pass takes it from there instead of running the MLP once more: the MLP then runs forward twice per step
+(forward, and chunk by chunk in its backward), as it does under plain checkpointing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
-
 import torch
 from torch import nn
 
-
-class CheckpointStash:
-    """Tensors a checkpointed function's forward pass keeps for its recomputation in the backward pass, in call
-    order: the forward pass ``keep`` s, the recomputation ``take`` s them back in the same order.
-
-    Args:
-        offload: Where a kept tensor is stored (``lit_qlp.strategies.offload`` copies CUDA tensors to pinned host
-            memory on a side stream); by default it is kept as it is.
-    """
-
-    def __init__(self, offload: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        self.offload = offload
-        self.entries: list[tuple[torch.Tensor, object]] = []
-        self.replaying = False
-        self._next = 0
-
-    def keep(self, tensor: torch.Tensor, extra: object = None) -> None:
-        """Stores ``tensor`` (offloaded) and ``extra`` (as it is) for the recomputation."""
-        self.entries.append((self.offload(tensor) if self.offload is not None else tensor, extra))
-
-    def take(self, device: torch.device) -> tuple[torch.Tensor, object]:
-        """The next kept tensor, on ``device``, and its ``extra``."""
-        if self._next >= len(self.entries):
-            raise RuntimeError(
-                "the recomputation of a checkpointed layer asked for more kept MLP outputs than its forward pass kept"
-            )
-        tensor, extra = self.entries[self._next]
-        self.entries[self._next] = (None, None)  # freed as soon as it is taken
-        self._next += 1
-        return tensor.to(device, non_blocking=True), extra
+from lit_qlp.models.stash import current_stash
 
 
-_STASH: contextvars.ContextVar[CheckpointStash | None] = contextvars.ContextVar("lit_qlp_stash", default=None)
+class _RngState:
+    """The CPU generator's state and the device's (a plain object: a stash keeps it as it is)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.device = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-@contextlib.contextmanager
-def stashing(stash: CheckpointStash, replaying: bool) -> Iterator[CheckpointStash]:
-    """Inside, ``ChunkedMLP`` s keep their outputs in ``stash`` (``replaying=False``: a checkpointed forward pass) or
-    take them from it instead of computing (``replaying=True``: its recomputation)."""
-    stash.replaying = replaying
-    token = _STASH.set(stash)
-    try:
-        yield stash
-    finally:
-        _STASH.reset(token)
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+def _set_rng_state(device: torch.device, state: _RngState) -> None:
+    torch.set_rng_state(state.cpu)
+    if state.device is not None:
+        torch.cuda.set_rng_state(state.device, device)
 
 
 class _ChunkedMLPFunction(torch.autograd.Function):
@@ -87,17 +43,19 @@ class _ChunkedMLPFunction(torch.autograd.Function):
     def forward(ctx, chunked: ChunkedMLP, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.chunked = chunked
         ctx.params = params
-        ctx.rng = _rng_state(x.device)  # dropout inside the MLP: the backward's chunks draw the same masks
+        ctx.rng = _RngState(x.device)  # dropout inside the MLP: the backward's chunks draw the same masks
         ctx.save_for_backward(x)
-        stash = _STASH.get()
-        if stash is not None and stash.replaying:
-            out, rng_after = stash.take(x.device)
+        stash = current_stash()
+        tag = ("mlp", tuple(x.shape))
+        kept = stash.take(tag) if stash is not None and stash.replaying else None
+        if kept is not None:
+            out, rng_after = kept
             _set_rng_state(x.device, rng_after)  # as if the MLP had run (and drawn its random numbers)
             return out
         with torch.no_grad():
             out = chunked.run(x)
-        if stash is not None:
-            stash.keep(out, _rng_state(x.device))
+        if stash is not None and not stash.replaying:  # kept if the host has room, else recomputed
+            stash.keep(tag, (out, _RngState(x.device)))
         return out
 
     @staticmethod
@@ -212,4 +170,4 @@ def chunk_mlp(layer: nn.Module, chunk_tokens: int) -> ChunkedMLP:
     return chunked
 
 
-__all__ = ["CheckpointStash", "ChunkedMLP", "chunk_mlp", "stashing"]
+__all__ = ["ChunkedMLP", "chunk_mlp"]

@@ -33,6 +33,7 @@ from lit_qlp.compat.transformers import (
 from lit_qlp.formats.hf import CheckpointReader
 from lit_qlp.models.chunked import chunk_mlp
 from lit_qlp.models.experts import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
+from lit_qlp.models.stash import kept_attention
 
 
 class StageTensors(NamedTuple):
@@ -102,6 +103,11 @@ SDPA_OR_FLEX = "lit_qlp_sdpa_or_flex"
 documents packed on their own, SDPA otherwise (``compat.transformers.register_attention_by_mask``)."""
 register_attention_by_mask(SDPA_OR_FLEX)
 
+SDPA_KEPT = "lit_qlp_sdpa_kept"
+"""``SDPA_OR_FLEX`` whose SDPA kernel, inside lit_qlp's offloaded checkpoint, keeps its outputs for the layer's
+recomputation, which then skips it (``lit_qlp.models.stash``): the attention of ``long_context``."""
+register_attention_by_mask(SDPA_KEPT, around_sdpa=kept_attention)
+
 DocumentAttention = Literal["auto", "flex", "mask"]
 
 FLEX_MIN_HEAD_DIM = 16
@@ -138,10 +144,12 @@ class ModelSource:
             micro-batch, and SDPA cannot use its fastest kernels with a mask). Flex needs SDPA attention
             (``attn_implementation``); models that run eager attention use the mask. A sequence of one document
             runs SDPA's own path (its causal kernel) whatever this says.
+        keep_attention: Models that run SDPA run ``SDPA_KEPT``: inside lit_qlp's offloaded checkpoint the attention
+            kernel's outputs are kept for the recomputation, which skips the kernel (``model.long_context``).
 
     Attributes:
         attn_implementation: The attention the model runs, "sdpa" or "eager" (the config names ``SDPA_OR_FLEX``
-            for "sdpa").
+            or ``SDPA_KEPT`` for "sdpa").
     """
 
     def __init__(
@@ -152,6 +160,7 @@ class ModelSource:
         trust_remote_code: bool = False,
         random_weights: bool = False,
         document_attention: DocumentAttention = "auto",
+        keep_attention: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -167,7 +176,8 @@ class ModelSource:
             )
         self.attn_implementation = attn_implementation
         self.document_attention = document_attention
-        set_attn_implementation(self.config, SDPA_OR_FLEX if attn_implementation == "sdpa" else attn_implementation)
+        sdpa = SDPA_KEPT if keep_attention else SDPA_OR_FLEX
+        set_attn_implementation(self.config, sdpa if attn_implementation == "sdpa" else attn_implementation)
         self.flex_config = copy.deepcopy(self.config)  # what the mask functions read to build block masks
         set_attn_implementation(self.flex_config, "flex_attention")
         with torch.device("meta"):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
-from lit_qlp.models.chunked import CheckpointStash, stashing
+from lit_qlp.models.stash import CheckpointStash, stashing
 
 
 @functools.cache
@@ -25,16 +26,57 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _to_host_if_cuda(tensor: torch.Tensor) -> torch.Tensor:
-    return _to_host(tensor) if tensor.is_cuda else tensor
+KEPT_HOST_FRACTION = 0.5
+"""The share of the host memory available when training starts that kept outputs may hold at once (split between
+the processes of a node, counted as its visible GPUs); what the layer inputs take comes on top."""
+
+
+class HostBudget:
+    """Bytes of kept outputs (``lit_qlp.models.stash``) that live in pinned host memory, against their limit:
+    ``KEPT_HOST_FRACTION`` of the memory available at the first request, divided by the node's GPUs. A kept tensor
+    returns its bytes when it is freed."""
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self.live = 0
+
+    def reserve(self, nbytes: int) -> bool:
+        """Counts ``nbytes`` more if they fit under the limit; whether they did."""
+        if self.limit is None:
+            import psutil
+
+            processes = max(torch.cuda.device_count(), 1)
+            self.limit = int(psutil.virtual_memory().available * KEPT_HOST_FRACTION / processes)
+        if self.live + nbytes > self.limit:
+            return False
+        self.live += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+HOST_BUDGET = HostBudget()
+
+
+def _keep_on_host(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A pinned host copy of a CUDA tensor a stash keeps (a CPU tensor as it is), or None when ``HOST_BUDGET`` has no
+    room for it."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if not HOST_BUDGET.reserve(nbytes):
+        return None
+    host = _to_host(tensor) if tensor.is_cuda else tensor
+    weakref.finalize(host, HOST_BUDGET.release, nbytes)
+    return host
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Runs ``function(*inputs)`` without keeping activations; keeps floating CUDA inputs on the host.
 
     The backward pass copies the inputs back, recomputes the function with gradients and back-propagates through
-    it. What the function's ``ChunkedMLP`` s keep during the forward pass (their outputs, in a ``CheckpointStash``,
-    also on the host) spares the recomputation their MLPs' forward. ``anchor`` is an empty tensor that requires
+    it. What the function keeps during the forward pass in a ``CheckpointStash`` (``lit_qlp.models.stash``: the
+    outputs of chunked MLPs and of attention kernels under ``model.long_context``, also on the host) spares the
+    recomputation those parts. ``anchor`` is an empty tensor that requires
     grad, so that the backward runs even when no input requires grad (the first stage, whose embedding output is
     frozen) and the parameters inside still get gradients.
     """
@@ -49,7 +91,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.saved = [
             _to_host(x) if isinstance(x, torch.Tensor) and x.is_cuda and x.is_floating_point() else x for x in inputs
         ]
-        ctx.stash = CheckpointStash(offload=_to_host_if_cuda)
+        ctx.stash = CheckpointStash(offload=_keep_on_host)
         with torch.no_grad(), stashing(ctx.stash, replaying=False):
             outputs = function(*inputs)
         single = isinstance(outputs, torch.Tensor)

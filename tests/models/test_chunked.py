@@ -1,5 +1,6 @@
-"""``model.long_context`` (lit_qlp/models/chunked.py): an MLP run in chunks of tokens gives the whole MLP's outputs
-and gradients, under both activation checkpoints, and the offloaded one skips the MLP in its recomputation."""
+"""``model.long_context`` (lit_qlp/models/chunked.py, stash.py): an MLP run in chunks of tokens gives the whole MLP's
+outputs and gradients, under both activation checkpoints, and the offloaded one skips the MLP and the attention
+kernel in its recomputation."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
 from lit_qlp.models.chunked import ChunkedMLP, chunk_mlp
 from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder
+from lit_qlp.models.stash import ATTENTION_OPS
 from lit_qlp.strategies.offload import offloaded_checkpoint
 from tests.runs import ROOT, fit_args, run_cli, scalars
 
@@ -21,10 +24,11 @@ SEQ = 13
 CHUNK = 5  # chunks of 5, 5 and 3 tokens
 
 
-def decoder_layers(model_dir, chunk: int | None, method: str = "lora", dropout: float = 0.0):
+def decoder_layers(model_dir, chunk: int | None, method: str = "lora", dropout: float = 0.0, compile: bool = False):
     """Decoder layers 0 and 1: LoRA on every linear layer and expert tensor (B random, so that every gradient is
-    non-zero), or every weight trained (``method="full"``)."""
-    source = ModelSource(model_dir, dtype="float32")
+    non-zero), or every weight trained (``method="full"``); with ``chunk`` as ``model.long_context`` builds them
+    (chunked MLP, attention kernels kept by the offloaded checkpoint)."""
+    source = ModelSource(model_dir, dtype="float32", keep_attention=chunk is not None)
     trainable = frozenset()
     adapter = None
     if method == "full":
@@ -32,7 +36,7 @@ def decoder_layers(model_dir, chunk: int | None, method: str = "lora", dropout: 
     else:
         adapter = LoraAdapter(4, 8, dropout, "all-linear", [0, 1], torch.float32, seed=0, expert_rank=2)
     builder = StageBuilder(source, torch.device("cpu"), None, trainable)
-    layers = [DecoderLayerPipe(builder, i, adapter, mlp_chunk_tokens=chunk) for i in range(2)]
+    layers = [DecoderLayerPipe(builder, i, adapter, compile=compile, mlp_chunk_tokens=chunk) for i in range(2)]
     generator = torch.Generator().manual_seed(1)
     for layer in layers:
         for name, param in layer.named_parameters():
@@ -134,6 +138,78 @@ def test_offloaded_checkpoint_skips_the_mlp_in_its_recomputation(tiny_model):
     layer.layer.mlp._mlp[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[-2]))
     step([layer], "offload")
     assert calls == [SEQ, SEQ]  # forward, recomputation: plain checkpointing
+
+
+class AttentionKernels(TorchDispatchMode):
+    """Counts the fused attention kernels that run (forward) and their backward ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = self.backward = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in ATTENTION_OPS:
+            self.forward += 1
+        elif "scaled_dot_product" in str(func) and "backward" in str(func):
+            self.backward += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3_moe"])
+def test_offloaded_checkpoint_skips_the_attention_kernel_in_its_recomputation(tiny_model, arch):
+    """Two layers: the attention kernel runs twice (the forward pass) under the offloaded checkpoint, whose
+    recomputation takes the kept outputs, and four times under torch's; its backward twice either way. Mistral's
+    window mask travels as an argument of the kernel. The gradients are those of the layers without long_context."""
+    model_dir = tiny_model(arch)
+    whole = step(decoder_layers(model_dir, None), "none")
+    for checkpoint_with, kernels in (("offload", 2), ("torch", 4)):
+        layers = decoder_layers(model_dir, CHUNK)
+        with AttentionKernels() as counted:
+            result = step(layers, checkpoint_with)
+        assert (counted.forward, counted.backward) == (kernels, 2), checkpoint_with
+        assert_same_step(result, whole)
+
+
+def test_kept_outputs_stay_within_the_host_budget(tiny_model, monkeypatch):
+    """With room on the host for one layer's attention output and nothing more, the second layer's attention and both
+    MLPs are recomputed (the attention kernel runs 3 times, not 2; the MLP chunks 9, not 6): the same gradients, and
+    every byte returned to the budget once the step is done."""
+    from lit_qlp.strategies import offload
+
+    model_dir = tiny_model("llama")
+    whole = step(decoder_layers(model_dir, None), "none")
+    layers = decoder_layers(model_dir, CHUNK)
+    hidden_size = layers[0].config.hidden_size
+    attention_output = SEQ * hidden_size * 4  # [1, heads, SEQ, head_dim] float32
+    budget = offload.HostBudget()
+    budget.limit = attention_output + 4 * SEQ * 4  # and its log-sum-exp, [1, heads, SEQ] float32
+    monkeypatch.setattr(offload, "HOST_BUDGET", budget)
+    chunks = []
+    for layer in layers:
+        layer.layer.mlp._mlp[0].register_forward_pre_hook(lambda m, args: chunks.append(args[0].shape[-2]))
+    with AttentionKernels() as counted:
+        result = step(layers, "offload")
+    assert (counted.forward, counted.backward) == (3, 2)
+    assert len(chunks) == 3 * 3 * 2
+    assert_same_step(result, whole)
+    import gc
+
+    gc.collect()
+    assert budget.live == 0
+
+
+def test_compiled_long_context_layers_give_the_eager_outputs_and_gradients(tiny_model):
+    """compile_layers with long_context: the layer's graph breaks around the chunked MLP (which runs the MLP compiled
+    on its own) and the kept attention; under the offloaded checkpoint the same values as eager layers without
+    long_context, the attention kernel run once per layer."""
+    torch._dynamo.reset()
+    model_dir = tiny_model("llama")
+    whole = step(decoder_layers(model_dir, None), "none")
+    layers = decoder_layers(model_dir, CHUNK, compile=True)
+    with AttentionKernels() as counted:
+        compiled = step(layers, "offload")
+    assert (counted.forward, counted.backward) == (2, 2)
+    assert_same_step(compiled, whole, tolerance=1e-4)
 
 
 def test_chunked_mlp_keeps_every_name(tiny_model):
