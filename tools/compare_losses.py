@@ -9,8 +9,11 @@ LoRA r = alpha on all linear layers, no dropout, the same initial A and B (lit_q
 Adam with the same settings, a constant learning rate and gradient clipping at 1.0. lit_qlp runs its real path
 (Trainer + PipelineStrategy, one process); the baseline averages the per-sequence losses of a PEFT model (with
 transformers' own non-reentrant activation checkpointing). ``--fast`` sets LoRA's ``compute_in_weight_dtype:
-false`` on the lit_qlp side, ``--compile`` ``compile_layers: true``. Prints the per-step losses, their relative
-difference and the largest one.
+false`` on the lit_qlp side, ``--compile`` ``compile_layers: true``, ``--long-context`` ``long_context: true``
+(``--mlp-chunk-tokens``). Prints the per-step losses, their relative difference and the largest one.
+
+    python tools/compare_losses.py --shape llama3-8b --seq 65536 --steps 5 --micro-batches 1 --mode qlora --fast \
+        --compile --long-context
 """
 
 from __future__ import annotations
@@ -56,7 +59,15 @@ def lit_losses(args, initial: Path) -> list[float]:
     from benchmark import lit_module_options
 
     options, _ = lit_module_options({"training": args.mode, "compute_in_weight_dtype": not args.fast}, args.rank)
-    module = CausalLMModule(args.model_dir, dtype=args.dtype, lr=args.lr, compile_layers=args.compile, **options)
+    module = CausalLMModule(
+        args.model_dir,
+        dtype=args.dtype,
+        lr=args.lr,
+        compile_layers=args.compile,
+        long_context=args.long_context,
+        mlp_chunk_tokens=args.mlp_chunk_tokens,
+        **options,
+    )
     ids = sequences(module.source.config.vocab_size, args)
 
     class Data(pl.LightningDataModule):
@@ -118,6 +129,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=["lora", "qlora"], default="qlora")
     parser.add_argument("--fast", action="store_true", help="lit_qlp with lora_compute_in_weight_dtype: false")
     parser.add_argument("--compile", action="store_true", help="lit_qlp with compile_layers: true")
+    parser.add_argument(
+        "--long-context", action="store_true", help="lit_qlp with long_context: true (chunked MLP, kept attention)"
+    )
+    parser.add_argument("--mlp-chunk-tokens", type=int, default=4096, help="with --long-context: mlp_chunk_tokens")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--micro-batches", type=int, default=8)

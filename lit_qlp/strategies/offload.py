@@ -76,9 +76,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     The backward pass copies the inputs back, recomputes the function with gradients and back-propagates through
     it. What the function keeps during the forward pass in a ``CheckpointStash`` (``lit_qlp.models.stash``: the
     outputs of chunked MLPs and of attention kernels under ``model.long_context``, also on the host) spares the
-    recomputation those parts. ``anchor`` is an empty tensor that requires
-    grad, so that the backward runs even when no input requires grad (the first stage, whose embedding output is
-    frozen) and the parameters inside still get gradients.
+    recomputation those parts. ``anchor`` is an empty tensor that requires grad, so that the backward runs even
+    when no input requires grad (the first stage, whose embedding output is frozen) and the parameters inside still
+    get gradients.
     """
 
     @staticmethod

@@ -14,9 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["lora", "qlora"])
+@pytest.mark.parametrize("mode", ["lora", "qlora", "lora-long"])
 def test_lit_qlp_and_peft_losses_agree_in_float32(mode, tmp_path):
+    """``lora-long``: lit_qlp with long_context (the MLP in chunks of 48 of the 128 tokens, attention and MLP
+    outputs kept by the offloaded checkpoint) against the same PEFT run."""
     command = [sys.executable, ROOT / "tools" / "compare_losses.py", "--shape", "tiny", "--seq", "128"]
+    if mode == "lora-long":
+        mode = "lora"
+        command += ["--long-context", "--mlp-chunk-tokens", "48"]
     command += ["--steps", "4", "--micro-batches", "4", "--mode", mode, "--device", "cpu", "--dtype", "float32"]
     command += ["--lr", "1e-3", "--model-dir", tmp_path / "model"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
