@@ -24,33 +24,42 @@ SEQ = 13
 CHUNK = 5  # chunks of 5, 5 and 3 tokens
 
 
-def decoder_layers(model_dir, chunk: int | None, method: str = "lora", dropout: float = 0.0, compile: bool = False):
+def decoder_layers(
+    model_dir,
+    chunk: int | None,
+    method: str = "lora",
+    dropout: float = 0.0,
+    compile: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+):
     """Decoder layers 0 and 1: LoRA on every linear layer and expert tensor (B random, so that every gradient is
     non-zero), or every weight trained (``method="full"``); with ``chunk`` as ``model.long_context`` builds them
     (chunked MLP, attention kernels kept by the offloaded checkpoint)."""
-    source = ModelSource(model_dir, dtype="float32", keep_attention=chunk is not None)
+    source = ModelSource(model_dir, dtype=dtype, keep_attention=chunk is not None)
     trainable = frozenset()
     adapter = None
     if method == "full":
         trainable = frozenset(n for n, _ in source.skeleton.named_parameters() if n.startswith("model.layers."))
     else:
         adapter = LoraAdapter(4, 8, dropout, "all-linear", [0, 1], torch.float32, seed=0, expert_rank=2)
-    builder = StageBuilder(source, torch.device("cpu"), None, trainable)
+    builder = StageBuilder(source, torch.device(device), None, trainable)
     layers = [DecoderLayerPipe(builder, i, adapter, compile=compile, mlp_chunk_tokens=chunk) for i in range(2)]
     generator = torch.Generator().manual_seed(1)
     for layer in layers:
         for name, param in layer.named_parameters():
             if param.requires_grad and ("lora_B" in name or "lora_b" in name.lower()):
-                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.data.copy_(torch.randn(param.shape, generator=generator).to(param) * 0.1)
     return layers
 
 
 def step(layers, checkpoint_with: str, seed: int = 5):
     """Output, input gradient and every trained parameter's gradient of the layers run as the pipeline runs them."""
     hidden_size = layers[0].config.hidden_size
-    hidden = torch.randn(1, SEQ, hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    positions = torch.arange(SEQ).unsqueeze(0)
-    x = (hidden, positions, torch.zeros(1, SEQ, dtype=torch.long))
+    like = next(layers[0].layer.parameters())
+    hidden = torch.randn(1, SEQ, hidden_size, generator=torch.Generator().manual_seed(0)).to(like).requires_grad_()
+    positions = torch.arange(SEQ, device=like.device).unsqueeze(0)
+    x = (hidden, positions, torch.zeros(1, SEQ, dtype=torch.long, device=like.device))
     torch.manual_seed(seed)
     for layer in layers:
         if checkpoint_with == "torch":
@@ -59,14 +68,14 @@ def step(layers, checkpoint_with: str, seed: int = 5):
             x = offloaded_checkpoint(layer, x)
         else:
             x = layer(x)
-    (x[0] * torch.linspace(-1, 1, hidden_size)).square().mean().backward()
+    (x[0].float() * torch.linspace(-1, 1, hidden_size, device=like.device)).square().mean().backward()
     named = {
         f"{i}.{name}": param.grad
         for i, layer in enumerate(layers)
         for name, param in layer.named_parameters()
         if param.requires_grad
     }
-    return x[0].detach(), hidden.grad, named
+    return x[0].detach().float(), hidden.grad.float(), named
 
 
 def assert_same_step(chunked, whole, tolerance=1e-5):
@@ -264,3 +273,25 @@ def test_long_context_training_run_gives_the_usual_losses(tiny_model, corpus, tm
     assert sorted(chunked) == sorted(plain) == [0, 1, 2]
     for index in plain:
         assert chunked[index] == pytest.approx(plain[index], rel=1e-5), index
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_long_context_on_cuda_keeps_the_attention_kernel(tmp_path, dtype):
+    """On CUDA SDPA picks its own kernel (memory-efficient attention in float32, flash or cuDNN in bf16), the same
+    in the forward pass (no grad) as in the recomputation, so the kept outputs are taken: the kernel runs once per
+    layer, its backward on them; the gradients equal the layers' without long_context (bf16: to its precision)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model("llama", tmp_path / "llama", head_dim=16)
+    whole = step(decoder_layers(model_dir, None, device="cuda", dtype=dtype), "none")
+    for compile in (False, True):
+        torch._dynamo.reset()
+        layers = decoder_layers(model_dir, CHUNK, compile=compile, device="cuda", dtype=dtype)
+        with AttentionKernels() as counted:
+            result = step(layers, "offload")
+        assert (counted.forward, counted.backward) == (2, 2), (compile, counted.forward, counted.backward)
+        tolerance = 1e-4 if dtype == "float32" else 3e-2
+        assert_same_step(result, whole, tolerance)
