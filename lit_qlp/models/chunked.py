@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lit_qlp.compat.torch import share_contents
 from lit_qlp.models.stash import current_stash
 
 
@@ -103,9 +104,7 @@ class ChunkedMLP(nn.Module):
         super().__init__()
         if chunk_tokens < 1:
             raise ValueError(f"model.mlp_chunk_tokens={chunk_tokens} must be a positive number of tokens")
-        self._modules = mlp._modules
-        self._parameters = mlp._parameters
-        self._buffers = mlp._buffers
+        share_contents(self, mlp)
         self._mlp = (mlp,)  # a tuple keeps the original out of the module tree (its children are already ours)
         self.chunk_tokens = chunk_tokens
         self.extra_outputs: int | None = None  # learnt from the first call

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+
+from lit_qlp.compat.torch import torch_dispatch_mode, tree_map
 
 
 class _Offloaded:
@@ -143,7 +143,7 @@ def _signature(func: Any, args: tuple, kwargs: dict) -> tuple:
     return (str(func), positional, tuple(sorted((key, describe(value)) for key, value in kwargs.items())))
 
 
-class KeepAttention(TorchDispatchMode):
+class KeepAttention(torch_dispatch_mode()):
     """Keeps the outputs of torch's fused attention kernels in ``stash`` while it records, and gives them back
     instead of running the kernel while it replays (module docstring). Every other op runs as usual.
 
