@@ -31,8 +31,8 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-qlora-attn`` (MoE): LoRA on the attention projections only, the experts frozen in 4-bit;
   ``lit-qlora-expert-r2``: rank-2 pairs on the fused expert tensors (LoRA's ``expert_rank``), ``--rank`` elsewhere.
 - ``lit-lora-compile`` / ``lit-qlora-compile``: the fast path with each decoder layer under ``torch.compile``
-  (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload``
-  ``activation_offload``.
+  (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload`` and
+  ``lit-qlora-compile-embcpu-offload`` ``activation_offload``.
 - ``lit-qlora-long`` / ``lit-qlora-long-compile``: long sequences (``long_context: true``: the MLP in chunks of
   4096 tokens, the layer inputs and MLP outputs in CPU memory), the low-rank path in bf16, the embedding on the CPU;
   eager / compiled layers.
@@ -386,6 +386,9 @@ LIT_MODES = {
     "lit-lora-compile-embcpu": dict(training="lora", **FAST, compile_layers=True, embeddings_on_cpu=True),
     "lit-qlora-compile-embcpu": dict(training="qlora", **FAST, compile_layers=True, embeddings_on_cpu=True),
     "lit-lora-compile-offload": dict(training="lora", **FAST, compile_layers=True, activation_offload=True),
+    "lit-qlora-compile-embcpu-offload": dict(
+        training="qlora", **FAST, compile_layers=True, embeddings_on_cpu=True, activation_offload=True
+    ),
     # Long sequences (model.long_context): the MLP in chunks of 4096 tokens, layer inputs and MLP outputs on the host.
     "lit-qlora-long": dict(training="qlora", **FAST, long_context=True, embeddings_on_cpu=True),
     "lit-qlora-long-compile": dict(
@@ -623,6 +626,8 @@ def main() -> None:
         parser.error(
             f"--document-tokens={':'.join(map(str, args.document_tokens))} must be MIN:MAX with 0 < MIN <= MAX"
         )
+    if args.memory and args.device == "cpu":
+        parser.error("--memory records the CUDA allocator; it needs --device cuda")
     if args.devices % args.pipeline_stages:
         parser.error(f"--devices={args.devices} must be a multiple of --pipeline-stages={args.pipeline_stages}")
     if args.run:

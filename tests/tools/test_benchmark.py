@@ -84,3 +84,9 @@ def test_document_tokens_must_be_a_range(value):
     command = [sys.executable, ROOT / "tools" / "benchmark.py", "--document-tokens", value, "--modes", "lit-lora"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and f"--document-tokens={value} must be MIN:MAX with 0 < MIN <= MAX" in result.stderr
+
+
+def test_memory_history_needs_cuda():
+    command = [sys.executable, ROOT / "tools" / "benchmark.py", "--device", "cpu", "--memory", "mem", "--shape", "tiny"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "--memory records the CUDA allocator; it needs --device cuda" in result.stderr
