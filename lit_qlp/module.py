@@ -144,7 +144,6 @@ class CausalLMModule(pl.LightningModule):
         self.compile_layers = compile_layers
         self.long_context = long_context
         self.mlp_chunk_tokens = mlp_chunk_tokens
-        self.offload_activations = long_context  # read by the strategy (OffloadsActivations)
         self.lr = lr
         self.betas = tuple(betas)
         self.eps = eps
@@ -153,6 +152,12 @@ class CausalLMModule(pl.LightningModule):
         self.pipe: torch.nn.Module | None = None
         self._eval_loss_sum = 0.0
         self._eval_tokens = 0
+
+    @property
+    def offload_activations(self) -> bool:
+        """The layers want the offloaded activation checkpoint (the strategy's ``OffloadsActivations``): under
+        ``long_context``."""
+        return self.long_context
 
     # ----------------------------------------------------------------- model
     def pipeline_spec(self, device: torch.device, pipeline_stages: int | None = None) -> PipelineSpec:

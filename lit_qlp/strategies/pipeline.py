@@ -294,12 +294,13 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
             self.lightning_module.check_device(self.root_device)
         if self.module_offloads_activations() and not self.activation_checkpointing:
             raise ValueError(
-                "model.long_context keeps the checkpointed layer inputs and MLP outputs in CPU memory, which needs "
-                "activation checkpointing; set trainer.strategy.activation_checkpointing=true (or turn "
-                "model.long_context off)"
+                "model.long_context keeps the checkpointed layer inputs (and attention and MLP outputs) in CPU "
+                "memory, which needs activation checkpointing; set trainer.strategy.activation_checkpointing=true "
+                "(or turn model.long_context off)"
             )
 
     def module_offloads_activations(self) -> bool:
+        """The LightningModule asks for the offloaded checkpoint (``OffloadsActivations``)."""
         module = self.lightning_module
         return isinstance(module, OffloadsActivations) and module.offload_activations
 
