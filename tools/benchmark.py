@@ -34,8 +34,8 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
   (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload`` and
   ``lit-qlora-compile-embcpu-offload`` ``activation_offload``.
 - ``lit-qlora-long`` / ``lit-qlora-long-compile``: long sequences (``long_context: true``: the MLP in chunks of
-  4096 tokens, the layer inputs and MLP outputs in CPU memory), the low-rank path in bf16, the embedding on the CPU;
-  eager / compiled layers.
+  4096 tokens, the layer inputs, attention and MLP outputs in CPU memory), the low-rank path in bf16, the embedding
+  on the CPU; eager / compiled layers.
 
 Any lit mode with ``-documents`` appended (``lit-qlora-compile-embcpu-documents``) trains on documents packed on
 their own (``data.packing: documents``): random documents of ``--document-tokens MIN:MAX`` tokens (uniform,
@@ -389,7 +389,8 @@ LIT_MODES = {
     "lit-qlora-compile-embcpu-offload": dict(
         training="qlora", **FAST, compile_layers=True, embeddings_on_cpu=True, activation_offload=True
     ),
-    # Long sequences (model.long_context): the MLP in chunks of 4096 tokens, layer inputs and MLP outputs on the host.
+    # Long sequences (model.long_context): the MLP in chunks of 4096 tokens; layer inputs, attention and MLP outputs on
+    # the host.
     "lit-qlora-long": dict(training="qlora", **FAST, long_context=True, embeddings_on_cpu=True),
     "lit-qlora-long-compile": dict(
         training="qlora", **FAST, long_context=True, embeddings_on_cpu=True, compile_layers=True
@@ -486,19 +487,18 @@ def run_lit(args, mode: str) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             synchronize(device)
-            if args.memory and batch_idx == args.warmup + args.steps:
+            extra = batch_idx == args.warmup + args.steps  # the untimed step of --profile / --memory
+            suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+            if args.memory and extra:
                 from memory_peak import peak_breakdown  # tools/, this script's directory
 
                 snapshot = torch.cuda.memory._snapshot()
                 torch.cuda.memory._record_memory_history(enabled=None)
                 args.memory.mkdir(parents=True, exist_ok=True)
-                suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
                 (args.memory / f"memory-{mode}{suffix}.txt").write_text(peak_breakdown(snapshot))
-                if self.profiler is None:
-                    return
-            if self.profiler is None:
+            if not extra:
                 times.append(time.perf_counter() - self.start)
-            else:
+            elif self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
                 averages = self.profiler.key_averages()
                 sorts = (
@@ -508,7 +508,6 @@ def run_lit(args, mode: str) -> dict:
                 )
                 tables = [f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=40) for sort in sorts]
                 args.profile.mkdir(parents=True, exist_ok=True)
-                suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
                 (args.profile / f"profile-{mode}{suffix}.txt").write_text("\n".join(tables))
                 self.kernel_seconds = kernel_seconds(averages)
                 self.profiler = None
