@@ -62,3 +62,17 @@ def test_the_command_line_runs_the_command_with_each_length():
         [sys.executable, str(TOOLS / "max_seq.py"), "--", "true"], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 2 and "must contain {seq}" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--resolution", "0"], "--resolution=0 must be at least 1"),
+        (["--start", "1000", "--resolution", "256"], "--start=1000 must be a multiple of --resolution=256"),
+    ],
+)
+def test_the_command_line_refuses_bad_lengths(options, message):
+    command = [sys.executable, str(TOOLS / "max_seq.py"), *options, "--", "echo", "{seq}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "seq " not in result.stdout  # refused before any trial ran
