@@ -151,8 +151,10 @@ def grouped_experts_forward(
     row_of_pair[pair_of_row] = torch.arange(pair_of_row.numel(), device=pair_of_row.device)
     token_of_row = pair_of_row // top_k
     rows_of_token = row_of_pair.view(tokens, top_k)
-    counts = torch.bincount(expert_of_row, minlength=module.num_experts)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    # The end row of each expert's rows, found in the sorted experts; torch.bincount would copy the minimum and
+    # maximum to the host first (CUDA), a synchronisation per layer that leaves the GPU idle while the CPU catches up.
+    experts = torch.arange(module.num_experts, device=expert_of_row.device, dtype=expert_of_row.dtype)
+    offsets = torch.searchsorted(expert_of_row, experts, right=True, out_int32=True)
 
     x = Dispatch.apply(hidden_states, token_of_row, rows_of_token)
     up_name = "gate_up_proj" if module.has_gate else "up_proj"

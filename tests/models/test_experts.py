@@ -148,3 +148,33 @@ def test_grouped_forward_with_lora_runs_torchs_kernel_on_gpu_in_bf16(tiny_model,
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     got.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_grouped_forward_and_backward_never_wait_for_the_gpu(tiny_model, arch, four_bit):
+    """No host synchronisation in a training step's experts, bf16 or 4-bit base (a copy to the host, ``.item()``,
+    an output sized by data): one per layer would leave the GPU idle while the CPU launches the next kernels."""
+    module, top_k = hf_experts(tiny_model(arch))
+    module = module.to("cuda", torch.bfloat16).requires_grad_(False)
+    if four_bit:
+        from lit_qlp.models.experts4bit import quantize_experts
+        from lit_qlp.models.quantize import Quantization
+
+        quantize_experts(module, Quantization("nf4", True, torch.bfloat16))
+    for name in ("gate_up_proj", "down_proj"):
+        add_expert_lora(
+            module, name, getattr(module, name).shape, 2, 2, torch.float32, torch.Generator().manual_seed(1)
+        )
+    hidden, index, weights = (t.cuda() for t in routed_inputs(module, top_k))
+    hidden = hidden.bfloat16().requires_grad_(True)
+    grouped_experts_forward(module, hidden, index, weights)  # the first call loads kernels, which may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = grouped_experts_forward(module, hidden, index, weights)
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert hidden.grad is not None and all(p.grad is not None for p in module.parameters() if p.requires_grad)
