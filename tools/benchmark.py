@@ -495,9 +495,16 @@ def run_lit(args, mode: str) -> dict:
                 snapshot = torch.cuda.memory._snapshot()
                 torch.cuda.memory._record_memory_history(enabled=None)
                 args.memory.mkdir(parents=True, exist_ok=True)
-                (args.memory / f"memory-{mode}{suffix}.txt").write_text(peak_breakdown(snapshot))
+                try:
+                    breakdown = peak_breakdown(snapshot)
+                except Exception as error:  # the measured steps are done; their figures still count
+                    breakdown = f"breakdown failed: {error!r}\n"
+                    print(f"[{mode}] --memory: {breakdown}", file=sys.stderr, end="")
+                (args.memory / f"memory-{mode}{suffix}.txt").write_text(breakdown)
             if not extra:
                 times.append(time.perf_counter() - self.start)
+                if trainer.global_rank == 0:  # as it happens, so that a run stopped later still tells
+                    print(f"[{mode}] step {batch_idx} {times[-1]:.2f} s", file=sys.stderr, flush=True)
             elif self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
                 averages = self.profiler.key_averages()

@@ -48,9 +48,11 @@ def peak_blocks(snapshot: dict, device: int = 0) -> tuple[int, list[tuple[int, s
     for segment in snapshot["segments"]:
         if segment.get("device", device) != device:
             continue
+        address = segment["address"]  # a segment's blocks lie end to end from its address, in order
         for block in segment["blocks"]:
-            if block["state"] == "active_allocated" and block["addr"] not in allocated_in_trace:
-                live[block["addr"]] = (block["size"], BEFORE)
+            if block["state"] == "active_allocated" and address not in allocated_in_trace:
+                live[address] = (block["size"], BEFORE)
+            address += block["size"]
     seen: set[int] = set()
     for event in trace:  # blocks freed during the trace that it never allocated were live at its start
         if event["action"] == "alloc":

@@ -280,12 +280,17 @@ def test_long_context_training_run_gives_the_usual_losses(tiny_model, corpus, tm
 def test_long_context_on_cuda_keeps_the_attention_kernel(tmp_path, dtype):
     """On CUDA SDPA picks its own kernel (memory-efficient attention in float32, flash or cuDNN in bf16), the same
     in the forward pass (no grad) as in the recomputation, so the kept outputs are taken: the kernel runs once per
-    layer, its backward on them; the gradients equal the layers' without long_context (bf16: to its precision)."""
+    layer, its backward on them; the gradients equal the layers' without long_context (bf16: to its precision).
+
+    In float32 the model has as many key/value heads as query heads: transformers asks SDPA for grouped-query
+    attention (``enable_gqa``) on CUDA, which the memory-efficient kernel lacks, so float32 GQA runs SDPA's math
+    path, a composite of matmuls and a softmax with no fused kernel to keep (computed as usual)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tests.tiny_models import make_tiny_model
 
-    model_dir = make_tiny_model("llama", tmp_path / "llama", head_dim=16)
+    heads = {"num_key_value_heads": 4} if dtype == "float32" else {}
+    model_dir = make_tiny_model("llama", tmp_path / "llama", head_dim=16, **heads)
     whole = step(decoder_layers(model_dir, None, device="cuda", dtype=dtype), "none")
     for compile in (False, True):
         torch._dynamo.reset()

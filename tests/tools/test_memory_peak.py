@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from memory_peak import BEFORE, peak_blocks, peak_breakdown  # noqa: E402
@@ -34,11 +36,14 @@ def snapshot() -> dict:
         {"action": "free_completed", "addr": 3, "size": 40 * MIB},
         {"action": "free_completed", "addr": 2, "size": 20 * MIB},
     ]
-    blocks = [
-        {"addr": 9, "size": 100 * MIB, "state": "active_allocated"},
-        {"addr": 1, "size": 30 * MIB, "state": "inactive"},
+    # torch's snapshot format: a segment's blocks carry no address; they lie end to end from the segment's.
+    weights = {"size": 100 * MIB, "requested_size": 100 * MIB, "state": "active_allocated", "frames": []}
+    free = {"size": 30 * MIB, "requested_size": 30 * MIB, "state": "inactive", "frames": []}
+    segments = [
+        {"device": 0, "address": 9, "total_size": 100 * MIB, "blocks": [weights]},
+        {"device": 0, "address": 1, "total_size": 70 * MIB, "blocks": [free, dict(free, size=40 * MIB)]},
     ]
-    return {"segments": [{"device": 0, "blocks": blocks}], "device_traces": [trace]}
+    return {"segments": segments, "device_traces": [trace]}
 
 
 def test_peak_blocks_replays_the_trace_from_what_was_live_before():
@@ -60,3 +65,29 @@ def test_peak_breakdown_groups_by_place_largest_first():
     assert lines[3].endswith("| 1 | " + BEFORE + " |")
     assert lines[4] == "| 0.068 | 2 | transformers/models/llama.py:7 forward |"
     assert lines[5] == "| 0.020 | 1 | lit_qlp/kernels/fused_loss.py:99 chunk |"
+
+
+@pytest.mark.gpu
+def test_peak_of_a_real_cuda_snapshot_is_torchs_peak():
+    """A snapshot of torch's own allocator (its format, not a hand-made one): the replayed peak equals
+    ``torch.cuda.max_memory_allocated`` over the recording, weights allocated before it included."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    weights = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=10_000, stacks="python")
+    try:
+        first = torch.empty(32 * MIB, dtype=torch.uint8, device="cuda")
+        second = torch.empty(16 * MIB, dtype=torch.uint8, device="cuda")
+        del first
+        third = torch.empty(8 * MIB, dtype=torch.uint8, device="cuda")
+        del second, third
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, blocks = peak_blocks(snapshot, torch.cuda.current_device())
+    assert peak == torch.cuda.max_memory_allocated()
+    assert any(size == weights.numel() and place == BEFORE for size, place in blocks)
