@@ -3,6 +3,7 @@ two options of their own (``method``, ``base``)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -17,7 +18,7 @@ from lit_qlp.kernels import TokenWeightedLoss
 from lit_qlp.kernels.fused_loss import IGNORE_INDEX
 from lit_qlp.methods import LoRA, TrainingMethod
 from lit_qlp.models.layout import TIED_EMBEDDING, PipelineSpec, pipeline_spec
-from lit_qlp.models.pipeline import ModelSource, StageBuilder
+from lit_qlp.models.pipeline import ModelSource, SdpaBackend, StageBuilder, sdpa_priority
 from lit_qlp.strategies.stages import StageGroup
 
 
@@ -77,6 +78,12 @@ class CausalLMModule(pl.LightningModule):
             most ``mlp_chunk_tokens`` tokens runs whole.
         mlp_chunk_tokens: Tokens per MLP chunk under ``long_context``: smaller holds less (4 × chunk ×
             intermediate × 2 bytes of MLP activations), larger runs bigger matmuls.
+        sdpa_backends: The kernels SDPA attention may run, tried in this order: "cudnn" (cuDNN's fused attention),
+            "flash", "efficient" (memory-efficient), "math"; e.g. ``[cudnn, flash]`` prefers cuDNN and falls back
+            to flash attention where cuDNN does not take a call. Unset: torch's own choice (flash, then
+            memory-efficient, then math, then cuDNN). Set for the whole run in every process (training, evaluation,
+            compiled layers); a call that none of the named kernels takes fails with torch's reasons. On the CPU
+            torch tries flash before math whatever the order.
         trust_remote_code: Allow custom model code from ``model_dir``'s config.
         random_weights: Random weights instead of ``model_dir``'s checkpoint (which then needs only
             ``config.json``): for measuring the speed and memory of a shape without its weights, as
@@ -104,6 +111,7 @@ class CausalLMModule(pl.LightningModule):
         compile_layers: bool = False,
         long_context: bool = False,
         mlp_chunk_tokens: int = 4096,
+        sdpa_backends: list[SdpaBackend] | None = None,
         trust_remote_code: bool = False,
         random_weights: bool = False,
         default_callbacks: bool = True,
@@ -121,6 +129,10 @@ class CausalLMModule(pl.LightningModule):
             raise ValueError(f"model.loss_chunk_size={loss_chunk_size} must be a positive number of tokens")
         if mlp_chunk_tokens < 1:
             raise ValueError(f"model.mlp_chunk_tokens={mlp_chunk_tokens} must be a positive number of tokens")
+        if sdpa_backends is not None:
+            sdpa_priority(sdpa_backends)  # refuses unknown names now, before anything runs
+        self.sdpa_backends = sdpa_backends
+        self._sdpa_priority: contextlib.AbstractContextManager | None = None
         self.method = LoRA() if method is None else method
         self.base = base
         self.source = ModelSource(
@@ -152,6 +164,18 @@ class CausalLMModule(pl.LightningModule):
         self.pipe: torch.nn.Module | None = None
         self._eval_loss_sum = 0.0
         self._eval_tokens = 0
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.sdpa_backends is not None and self._sdpa_priority is None:
+            self._sdpa_priority = sdpa_priority(self.sdpa_backends)
+            self._sdpa_priority.__enter__()  # left in teardown
+
+    @override
+    def teardown(self, stage: str) -> None:
+        if self._sdpa_priority is not None:
+            self._sdpa_priority.__exit__(None, None, None)
+            self._sdpa_priority = None
 
     @property
     def offload_activations(self) -> bool:

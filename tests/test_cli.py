@@ -294,6 +294,7 @@ def test_print_config_shows_only_the_options_of_the_chosen_method_and_base(
         (["--data.sequence_length", "128"], "sequence_length"),
         (["--trainer.strategy.pipeline_stage", "2"], "pipeline_stage"),
         (["--trainer.gradient_clip", "1.0"], "gradient_clip"),
+        (["--model.sdpa_backends", "[fast]"], "sdpa_backends"),  # a value torch has no kernel of
     ],
 )
 def test_unknown_command_line_keys_rejected(extra, name, assets, tmp_path, monkeypatch, capsys):

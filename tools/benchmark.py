@@ -36,6 +36,8 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-qlora-long`` / ``lit-qlora-long-compile``: long sequences (``long_context: true``: the MLP in chunks of
   4096 tokens, the layer inputs, attention and MLP outputs in CPU memory), the low-rank path in bf16, the embedding
   on the CPU; eager / compiled layers.
+- ``lit-qlora-long-compile-cudnn`` / ``lit-qlora-compile-embcpu-cudnn``: the same with cuDNN's fused attention
+  tried first (``sdpa_backends: [cudnn, flash, efficient, math]``).
 
 Any lit mode with ``-documents`` appended (``lit-qlora-compile-embcpu-documents``) trains on documents packed on
 their own (``data.packing: documents``): random documents of ``--document-tokens MIN:MAX`` tokens (uniform,
@@ -372,6 +374,9 @@ def run_hf(args, mode: str) -> dict:
     }
 
 
+CUDNN = ["cudnn", "flash", "efficient", "math"]
+"""``sdpa_backends`` of the ``-cudnn`` modes."""
+
 FAST = dict(compute_in_weight_dtype=False)
 LIT_MODES = {
     "lit-lora": dict(training="lora"),
@@ -394,6 +399,13 @@ LIT_MODES = {
     "lit-qlora-long": dict(training="qlora", **FAST, long_context=True, embeddings_on_cpu=True),
     "lit-qlora-long-compile": dict(
         training="qlora", **FAST, long_context=True, embeddings_on_cpu=True, compile_layers=True
+    ),
+    # cuDNN's fused attention first (model.sdpa_backends), flash attention where cuDNN does not take a call.
+    "lit-qlora-long-compile-cudnn": dict(
+        training="qlora", **FAST, long_context=True, embeddings_on_cpu=True, compile_layers=True, sdpa_backends=CUDNN
+    ),
+    "lit-qlora-compile-embcpu-cudnn": dict(
+        training="qlora", **FAST, compile_layers=True, embeddings_on_cpu=True, sdpa_backends=CUDNN
     ),
     # MoE: LoRA on the attention projections only (the experts frozen in 4-bit).
     "lit-qlora-attn": dict(training="qlora", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),

@@ -9,6 +9,7 @@ from the checkpoint as it is built, so a process holds nothing but its own stage
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import weakref
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
+import torch.nn.attention
 from torch import nn
 
 from lit_qlp.compat.torch import version_counter
@@ -109,6 +111,37 @@ recomputation, which then skips it (``lit_qlp.models.stash``): the attention of 
 register_attention_by_mask(SDPA_KEPT, around_sdpa=kept_attention)
 
 DocumentAttention = Literal["auto", "flex", "mask"]
+
+SdpaBackend = Literal["cudnn", "flash", "efficient", "math"]
+
+SDPA_BACKENDS: dict[str, torch.nn.attention.SDPBackend] = {
+    "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
+    "flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+    "efficient": torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+    "math": torch.nn.attention.SDPBackend.MATH,
+}
+"""The names of torch's SDPA kernels that ``sdpa_priority`` takes: cuDNN's fused attention, flash attention (on the
+CPU torch's own flash kernel), memory-efficient attention, and the math path (matmuls and a softmax)."""
+
+
+def sdpa_priority(backends: list[str]) -> contextlib.AbstractContextManager:
+    """Inside, SDPA runs only the ``backends`` named (``SDPA_BACKENDS``), the first of them that takes the call;
+    a call none of them takes fails with torch's reason for each.
+
+    The choice is torch's process-wide setting, read when a call is dispatched and when ``torch.compile`` traces
+    one, so it holds for compiled layers too.
+
+    Raises:
+        ValueError: A name that is not a key of ``SDPA_BACKENDS``, or none at all.
+    """
+    unknown = [name for name in backends if name not in SDPA_BACKENDS]
+    if unknown or not backends:
+        raise ValueError(
+            f"model.sdpa_backends={list(backends)!r}: name one or more of {sorted(SDPA_BACKENDS)} in the order to try "
+            "them" + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
+        )
+    return torch.nn.attention.sdpa_kernel([SDPA_BACKENDS[name] for name in backends], set_priority=True)
+
 
 FLEX_MIN_HEAD_DIM = 16
 """The smallest head dimension torch's FlexAttention kernels take on CUDA (its Triton lowering refuses less)."""
@@ -560,6 +593,8 @@ __all__ = [
     "StageBuilder",
     "StageTensors",
     "TakesControlClasses",
+    "SDPA_BACKENDS",
     "hf_names",
+    "sdpa_priority",
     "tied_head",
 ]

@@ -7,9 +7,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lit_qlp.kernels import TokenWeightedLoss
-from lit_qlp.models.pipeline import ModelSource, PositionCache
+from lit_qlp.models.pipeline import ModelSource, PositionCache, sdpa_priority
+from lit_qlp.models.stash import ATTENTION_OPS
 from lit_qlp.module import shift_left
 from tests.tiny_models import ARCHITECTURES, VOCAB, load_hf, stage_layers
 
@@ -174,3 +176,83 @@ def test_two_stages_in_two_processes_match_hf(tiny_model):
             reference = hf(ids, labels=ids)
         torch.testing.assert_close(logits, reference.logits, msg=lambda m: f"{arch}: {m}")
         torch.testing.assert_close(loss, reference.loss, msg=lambda m: f"{arch}: {m}")
+
+
+class AttentionOps(TorchDispatchMode):
+    """The fused attention kernels that run, by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in ATTENTION_OPS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_sdpa_backends_of_the_module_hold_from_setup_to_teardown_and_give_the_same_logits(tiny_model):
+    """``model.sdpa_backends: [math]``: between the module's setup and teardown the layers' SDPA runs its math path
+    (no fused kernel), with the logits of torch's own choice (CPU flash attention) to float32 precision; after
+    teardown torch's choice is back. A name torch does not have is refused when the module is made."""
+    from lit_qlp.module import CausalLMModule
+
+    model_dir = tiny_model("llama")
+    source = ModelSource(model_dir, dtype="float32")
+    layers = stage_layers(source, loss=TokenWeightedLoss())
+    ids = batch()
+    with torch.no_grad(), AttentionOps() as default:
+        expected = layers[-1].logits(run_layers(layers, ids))
+    assert default.ops and all("flash_attention_for_cpu" in op for op in default.ops)
+    module = CausalLMModule(model_dir, dtype="float32", sdpa_backends=["math"])
+    module.setup("fit")
+    try:
+        with torch.no_grad(), AttentionOps() as math:
+            got = layers[-1].logits(run_layers(layers, ids))
+    finally:
+        module.teardown("fit")
+    assert math.ops == []
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), AttentionOps() as after:
+        run_layers(layers, ids)
+    assert after.ops == default.ops
+    with pytest.raises(ValueError, match=r"model.sdpa_backends=\['fast'\].*'cudnn', 'efficient', 'flash', 'math'"):
+        CausalLMModule(model_dir, dtype="float32", sdpa_backends=["fast"])
+
+
+def test_sdpa_priority_runs_only_the_named_kernels():
+    """On the CPU: ``[flash, math]`` runs CPU flash attention, ``[math]`` the math path (no fused kernel);
+    ``[cudnn]`` alone has no kernel there: torch's error. No names: refused. (The CPU tries flash before math
+    whatever the order; the order is CUDA's, tested below.)"""
+    q = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(0))
+    with sdpa_priority(["flash", "math"]), AttentionOps() as counted:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert counted.ops == ["aten._scaled_dot_product_flash_attention_for_cpu.default"]
+    with sdpa_priority(["math"]), AttentionOps() as counted:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert counted.ops == []
+    with sdpa_priority(["cudnn"]), pytest.raises(RuntimeError, match="No viable backend"):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    with pytest.raises(ValueError, match="name one or more"):
+        sdpa_priority([])
+
+
+@pytest.mark.gpu
+def test_sdpa_priority_tries_the_named_kernels_in_order_on_cuda():
+    """bf16 causal GQA attention on CUDA, which flash and cuDNN both take: the first named runs, with the same
+    output and gradients as the other to bf16 precision."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 256, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    kv = torch.randn(2, 1, 2, 256, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    results = {}
+    for order in (["cudnn", "flash"], ["flash", "cudnn"]):
+        inputs = [t.clone().requires_grad_(True) for t in (q, kv[0], kv[1])]
+        with sdpa_priority(order), AttentionOps() as counted:
+            out = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=True)
+            out.float().square().sum().backward()
+        assert len(counted.ops) == 1 and order[0] in counted.ops[0], (order, counted.ops)
+        results[order[0]] = [out.float()] + [t.grad.float() for t in inputs]
+    for got, expected in zip(results["cudnn"], results["flash"]):
+        torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2)
