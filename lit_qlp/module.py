@@ -70,10 +70,12 @@ class CausalLMModule(pl.LightningModule):
             ``mlp_chunk_tokens`` tokens, recomputed chunk by chunk in its backward pass (its [seq, intermediate]
             activations never exist whole: 7 GiB at seq 65536 for Llama-3-8B); the activation checkpoint keeps each
             layer's input in pinned CPU memory (the strategy's ``activation_offload``, turned on by this option:
-            seq × hidden × 2 bytes per decoder layer, 16 GiB at seq 65536 for Llama-3-8B) and, as far as half the
-            host memory available at the start allows (split between a node's GPUs), each layer's attention and MLP
-            outputs too (as much again each), so that the recomputation in the backward pass skips the attention
-            kernel and the MLP (``lit_qlp.models.stash``); past that it computes them. Needs the strategy's
+            seq × hidden × 2 bytes per decoder layer, 16 GiB at seq 65536 for Llama-3-8B) and each layer's
+            attention and MLP outputs too (as much again each), so that the recomputation in the backward pass skips
+            the attention kernel and the MLP (``lit_qlp.models.stash``). Host memory: all of these within 80% of
+            what is available at the start (split between a node's GPUs), the kept outputs within half of that
+            (past it the recomputation computes them); layer inputs past it stay in GPU memory, with a warning.
+            Needs the strategy's
             activation checkpointing. Exact: the same loss and gradients as without. The MLP of sequences of at
             most ``mlp_chunk_tokens`` tokens runs whole.
         mlp_chunk_tokens: Tokens per MLP chunk under ``long_context``: smaller holds less (4 × chunk ×

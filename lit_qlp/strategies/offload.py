@@ -6,6 +6,7 @@ import functools
 import weakref
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_qlp.models.stash import CheckpointStash, stashing
 
@@ -26,52 +27,85 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
+HOST_FRACTION = 0.8
+"""The share of the host memory available when training starts that offloaded tensors (layer inputs and kept
+outputs) may hold at once, split between the processes of a node (counted as its visible GPUs)."""
+
 KEPT_HOST_FRACTION = 0.5
-"""The share of the host memory available when training starts that kept outputs may hold at once (split between
-the processes of a node, counted as its visible GPUs); what the layer inputs take comes on top."""
+"""The share of that limit that kept outputs may hold; the rest stays for layer inputs."""
 
 
 class HostBudget:
-    """Bytes of kept outputs (``lit_qlp.models.stash``) that live in pinned host memory, against their limit:
-    ``KEPT_HOST_FRACTION`` of the memory available at the first request, divided by the node's GPUs. A kept tensor
-    returns its bytes when it is freed."""
+    """Bytes of offloaded tensors in pinned host memory, against their limit: ``HOST_FRACTION`` of the memory
+    available at the first request, divided by the node's GPUs; kept outputs (``lit_qlp.models.stash``) at most
+    ``KEPT_HOST_FRACTION`` of it. A tensor returns its bytes when it is freed."""
 
     def __init__(self) -> None:
         self.limit: int | None = None
         self.live = 0
+        self.kept_live = 0
+        self.inputs_refused = 0
 
-    def reserve(self, nbytes: int) -> bool:
-        """Counts ``nbytes`` more if they fit under the limit; whether they did."""
+    def reserve(self, nbytes: int, kept: bool = False) -> bool:
+        """Counts ``nbytes`` more (of a kept output, or of a layer input) if they fit under the limits; whether
+        they did."""
         if self.limit is None:
             import psutil
 
             processes = max(torch.cuda.device_count(), 1)
-            self.limit = int(psutil.virtual_memory().available * KEPT_HOST_FRACTION / processes)
+            self.limit = int(psutil.virtual_memory().available * HOST_FRACTION / processes)
         if self.live + nbytes > self.limit:
             return False
+        if kept and self.kept_live + nbytes > self.limit * KEPT_HOST_FRACTION:
+            return False
         self.live += nbytes
+        self.kept_live += nbytes if kept else 0
         return True
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, kept: bool = False) -> None:
         self.live -= nbytes
+        self.kept_live -= nbytes if kept else 0
 
 
 HOST_BUDGET = HostBudget()
 
 
-def _keep_on_host(tensor: torch.Tensor) -> torch.Tensor | None:
-    """A pinned host copy of a CUDA tensor a stash keeps (a CPU tensor as it is), or None when ``HOST_BUDGET`` has no
-    room for it."""
+def _host_copy(tensor: torch.Tensor, kept: bool) -> torch.Tensor | None:
+    """A pinned host copy of a CUDA tensor (a CPU tensor as it is) counted in ``HOST_BUDGET`` until it is freed, or
+    None when the budget has no room for it."""
     nbytes = tensor.numel() * tensor.element_size()
-    if not HOST_BUDGET.reserve(nbytes):
+    budget = HOST_BUDGET
+    if not budget.reserve(nbytes, kept):
         return None
     host = _to_host(tensor) if tensor.is_cuda else tensor
-    weakref.finalize(host, HOST_BUDGET.release, nbytes)
+    weakref.finalize(host, budget.release, nbytes, kept)
     return host
 
 
+def _keep_on_host(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Where a stash keeps a tensor: a pinned host copy, or None (not kept) when ``HOST_BUDGET`` has no room."""
+    return _host_copy(tensor, kept=True)
+
+
+def _offload_input(tensor: torch.Tensor) -> torch.Tensor:
+    """Where a checkpoint keeps a floating CUDA input until its backward pass: a pinned host copy, or the tensor itself
+    on its GPU once ``HOST_BUDGET`` is full (warned once: the host memory, not the GPU's, is then the limit)."""
+    host = _host_copy(tensor, kept=False)
+    if host is not None:
+        return host
+    if HOST_BUDGET.inputs_refused == 0:
+        rank_zero_warn(
+            f"activation offload: the offloaded tensors fill their host memory budget ({HOST_BUDGET.limit / 2**30:.1f} "
+            f"GiB, {HOST_FRACTION:.0%} of the host memory available at the start, split between the GPUs); further "
+            "layer inputs stay in GPU memory. Shorter sequences or more pipeline stages take less host memory."
+        )
+    HOST_BUDGET.inputs_refused += 1
+    return tensor
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
-    """Runs ``function(*inputs)`` without keeping activations; keeps floating CUDA inputs on the host.
+    """Runs ``function(*inputs)`` without keeping activations; keeps floating CUDA inputs on the host (on their GPU
+    once ``HOST_BUDGET`` is full).
 
     The backward pass copies the inputs back, recomputes the function with gradients and back-propagates through
     it. What the function keeps during the forward pass in a ``CheckpointStash`` (``lit_qlp.models.stash``: the
@@ -89,7 +123,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = {d: torch.cuda.get_rng_state(d) for d in set(ctx.devices) if d is not None and d.type == "cuda"}
         ctx.saved = [
-            _to_host(x) if isinstance(x, torch.Tensor) and x.is_cuda and x.is_floating_point() else x for x in inputs
+            _offload_input(x) if isinstance(x, torch.Tensor) and x.is_cuda and x.is_floating_point() else x
+            for x in inputs
         ]
         ctx.stash = CheckpointStash(offload=_keep_on_host)
         with torch.no_grad(), stashing(ctx.stash, replaying=False):
@@ -127,7 +162,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 
 def offloaded_checkpoint(function, *inputs):
-    """Activation checkpoint of ``function(*inputs)`` that keeps its floating CUDA inputs in pinned host memory.
+    """Activation checkpoint of ``function(*inputs)`` that keeps its floating CUDA inputs in pinned host memory
+    (within ``HOST_BUDGET``; past it they stay on their GPU).
 
     A drop-in ``activation_checkpoint_func`` for DeepSpeed's PipelineModule. On CPU tensors it is a plain
     recomputing checkpoint (nothing to offload).

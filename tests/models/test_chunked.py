@@ -193,6 +193,7 @@ def test_kept_outputs_stay_within_the_host_budget(tiny_model, monkeypatch):
     budget = offload.HostBudget()
     budget.limit = attention_output + 4 * SEQ * 4  # and its log-sum-exp, [1, heads, SEQ] float32
     monkeypatch.setattr(offload, "HOST_BUDGET", budget)
+    monkeypatch.setattr(offload, "KEPT_HOST_FRACTION", 1.0)  # all of it for kept outputs (no CUDA inputs here)
     chunks = []
     for layer in layers:
         layer.layer.mlp._mlp[0].register_forward_pre_hook(lambda m, args: chunks.append(args[0].shape[-2]))
@@ -205,6 +206,35 @@ def test_kept_outputs_stay_within_the_host_budget(tiny_model, monkeypatch):
 
     gc.collect()
     assert budget.live == 0
+
+
+def test_layer_inputs_and_kept_outputs_share_the_host_budget(monkeypatch):
+    """Inputs take the budget first come first served, up to its limit; kept outputs at most KEPT_HOST_FRACTION of
+    it. An input that finds no room stays where it is (on its GPU), with one warning for the run; bytes come back when
+    the copies are freed. (CPU tensors: the "copy" is the tensor itself, counted the same.)"""
+    import gc
+
+    from lit_qlp.strategies import offload
+
+    budget = offload.HostBudget()
+    budget.limit = 4 * 100 * 4  # four [100] float32 tensors
+    monkeypatch.setattr(offload, "HOST_BUDGET", budget)
+    kept = [offload._keep_on_host(torch.zeros(100)) for _ in range(3)]
+    assert [k is not None for k in kept] == [True, True, False]  # half of the limit for kept outputs
+    assert budget.kept_live == 800
+    inputs = [offload._host_copy(torch.zeros(100), kept=False) for _ in range(3)]
+    assert [i is not None for i in inputs] == [True, True, False]  # the other half, then nothing
+    assert budget.live == 1600
+    with pytest.warns(UserWarning, match="fill their host memory budget .* layer inputs stay in GPU memory") as caught:
+        offload._offload_input(torch.zeros(100))
+        offload._offload_input(torch.zeros(100))
+    assert len(caught) == 1 and budget.inputs_refused == 2 and budget.live == 1600
+    del kept, inputs
+    gc.collect()
+    assert (budget.live, budget.kept_live) == (0, 0)
+    room = offload._offload_input(torch.zeros(100))  # room again: counted
+    assert budget.live == 400 and budget.inputs_refused == 2
+    del room
 
 
 def test_compiled_long_context_layers_give_the_eager_outputs_and_gradients(tiny_model):
@@ -300,3 +330,27 @@ def test_long_context_on_cuda_keeps_the_attention_kernel(tmp_path, dtype):
         assert (counted.forward, counted.backward) == (2, 2), (compile, counted.forward, counted.backward)
         tolerance = 1e-4 if dtype == "float32" else 3e-2
         assert_same_step(result, whole, tolerance)
+
+
+@pytest.mark.gpu
+def test_layer_inputs_stay_on_the_gpu_when_the_host_budget_is_full(tmp_path, monkeypatch):
+    """On CUDA with host room for one layer input: the first layer's input goes to the host, the others' stay on the
+    GPU (one warning), nothing is kept; the gradients equal the layers' without long_context."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lit_qlp.strategies import offload
+    from tests.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model("llama", tmp_path / "llama", head_dim=16, num_key_value_heads=4)
+    whole = step(decoder_layers(model_dir, None, device="cuda", dtype="float32"), "none")
+    layers = decoder_layers(model_dir, CHUNK, device="cuda", dtype="float32")
+    budget = offload.HostBudget()
+    budget.limit = SEQ * layers[0].config.hidden_size * 4  # one [1, SEQ, hidden] float32 input
+    monkeypatch.setattr(offload, "HOST_BUDGET", budget)
+    copies = []
+    to_host = offload._to_host
+    monkeypatch.setattr(offload, "_to_host", lambda t: copies.append(tuple(t.shape)) or to_host(t))
+    with pytest.warns(UserWarning, match="layer inputs stay in GPU memory"):
+        result = step(layers, "offload")
+    assert copies == [(1, SEQ, layers[0].config.hidden_size)] and budget.inputs_refused == len(layers) - 1 > 0
+    assert_same_step(result, whole, 1e-4)
