@@ -10,8 +10,9 @@ value heads grouped (``enable_gqa``, as transformers calls SDPA without a mask o
 heads (as it calls SDPA with a mask). A backend that does not take the call says torch's reason instead of a time.
 FLOPs: 4 · seq² · head_dim · heads / 2 for the causal forward, 2.5 times that for the backward.
 
-Which kernel runs decides the long-context step: at 64k tokens the attention is about two thirds of a Llama-3-8B
-QLoRA step (README, Long context); ``model.sdpa_backends: [cudnn, flash]`` chooses cuDNN's kernel where it is faster.
+Which kernel runs decides the long-context step: at 64k tokens the attention is, by its FLOPs, about two thirds of
+a Llama-3-8B QLoRA step (README, Long context); ``model.sdpa_backends: [cudnn, flash]`` chooses cuDNN's kernel
+where it is faster.
 """
 
 from __future__ import annotations
