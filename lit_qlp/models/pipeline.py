@@ -132,13 +132,16 @@ def sdpa_priority(backends: list[str]) -> contextlib.AbstractContextManager:
     one, so it holds for compiled layers too.
 
     Raises:
-        ValueError: A name that is not a key of ``SDPA_BACKENDS``, or none at all.
+        ValueError: A name that is not a key of ``SDPA_BACKENDS``, a name twice, or none at all.
     """
     unknown = [name for name in backends if name not in SDPA_BACKENDS]
-    if unknown or not backends:
+    repeated = sorted({name for name in backends if list(backends).count(name) > 1})
+    if unknown or repeated or not backends:
+        reason = f" ({', '.join(map(repr, unknown))} is not one)" if unknown else ""
+        reason += f" ({', '.join(map(repr, repeated))} named twice)" if repeated else ""
         raise ValueError(
             f"model.sdpa_backends={list(backends)!r}: name one or more of {sorted(SDPA_BACKENDS)} in the order to try "
-            "them" + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
+            f"them, each once{reason}"
         )
     return torch.nn.attention.sdpa_kernel([SDPA_BACKENDS[name] for name in backends], set_priority=True)
 

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
 from lit_qlp.models.chunked import ChunkedMLP, chunk_mlp
-from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder
+from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder, sdpa_priority
 from lit_qlp.models.stash import ATTENTION_OPS
 from lit_qlp.strategies.offload import offloaded_checkpoint
 from tests.runs import ROOT, fit_args, run_cli, scalars
@@ -155,10 +155,12 @@ class AttentionKernels(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.forward = self.backward = 0
+        self.names = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in ATTENTION_OPS:
             self.forward += 1
+            self.names.append(str(func))
         elif "scaled_dot_product" in str(func) and "backward" in str(func):
             self.backward += 1
         return func(*args, **(kwargs or {}))
@@ -306,11 +308,13 @@ def test_long_context_training_run_gives_the_usual_losses(tiny_model, corpus, tm
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_long_context_on_cuda_keeps_the_attention_kernel(tmp_path, dtype):
-    """On CUDA SDPA picks its own kernel (memory-efficient attention in float32, flash or cuDNN in bf16), the same
-    in the forward pass (no grad) as in the recomputation, so the kept outputs are taken: the kernel runs once per
-    layer, its backward on them; the gradients equal the layers' without long_context (bf16: to its precision).
+@pytest.mark.parametrize("dtype, kernel", [("float32", "efficient"), ("bfloat16", "flash"), ("bfloat16", "cudnn")])
+def test_long_context_on_cuda_keeps_the_attention_kernel(tmp_path, dtype, kernel):
+    """On CUDA SDPA picks its kernel (memory-efficient attention in float32, flash in bf16; cuDNN where
+    ``model.sdpa_backends`` puts it first), the same in the forward pass (no grad) as in the recomputation, so the
+    kept outputs are taken: the kernel runs once per layer, its backward on them; the gradients equal the layers'
+    without long_context (bf16: to its precision). cuDNN and memory-efficient attention compute the log-sum-exp only
+    for a backward, which the kept call must ask for.
 
     In float32 the model has as many key/value heads as query heads: transformers asks SDPA for grouped-query
     attention (``enable_gqa``) on CUDA, which the memory-efficient kernel lacks, so float32 GQA runs SDPA's math
@@ -321,13 +325,16 @@ def test_long_context_on_cuda_keeps_the_attention_kernel(tmp_path, dtype):
 
     heads = {"num_key_value_heads": 4} if dtype == "float32" else {}
     model_dir = make_tiny_model("llama", tmp_path / "llama", head_dim=16, **heads)
-    whole = step(decoder_layers(model_dir, None, device="cuda", dtype=dtype), "none")
+    order = [kernel] + [name for name in ("flash", "efficient", "math") if name != kernel]
+    with sdpa_priority(order):
+        whole = step(decoder_layers(model_dir, None, device="cuda", dtype=dtype), "none")
     for compile in (False, True):
         torch._dynamo.reset()
         layers = decoder_layers(model_dir, CHUNK, compile=compile, device="cuda", dtype=dtype)
-        with AttentionKernels() as counted:
+        with sdpa_priority(order), AttentionKernels() as counted:
             result = step(layers, "offload")
         assert (counted.forward, counted.backward) == (2, 2), (compile, counted.forward, counted.backward)
+        assert all(kernel in name for name in counted.names), counted.names
         tolerance = 1e-4 if dtype == "float32" else 3e-2
         assert_same_step(result, whole, tolerance)
 

@@ -235,6 +235,8 @@ def test_sdpa_priority_runs_only_the_named_kernels():
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     with pytest.raises(ValueError, match="name one or more"):
         sdpa_priority([])
+    with pytest.raises(ValueError, match=r"each once \('flash' named twice\)"):
+        sdpa_priority(["flash", "math", "flash"])
 
 
 @pytest.mark.gpu
