@@ -75,9 +75,8 @@ class CausalLMModule(pl.LightningModule):
             the attention kernel and the MLP (``lit_qlp.models.stash``). Host memory: all of these within 80% of
             what is available at the start (split between a node's GPUs), the kept outputs within half of that
             (past it the recomputation computes them); layer inputs past it stay in GPU memory, with a warning.
-            Needs the strategy's
-            activation checkpointing. Exact: the same loss and gradients as without. The MLP of sequences of at
-            most ``mlp_chunk_tokens`` tokens runs whole.
+            Needs the strategy's activation checkpointing. Exact: the same loss and gradients as without. The MLP
+            of sequences of at most ``mlp_chunk_tokens`` tokens runs whole.
         mlp_chunk_tokens: Tokens per MLP chunk under ``long_context``: smaller holds less (4 × chunk ×
             intermediate × 2 bytes of MLP activations), larger runs bigger matmuls.
         sdpa_backends: The kernels SDPA attention may run, tried in this order: "cudnn" (cuDNN's fused attention),

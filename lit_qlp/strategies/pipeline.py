@@ -230,7 +230,9 @@ class PipelineStrategy(PipelineTopology, EngineCheckpoints, DDPStrategy):
             activations (non-reentrant torch checkpointing); only each layer's input stays in memory.
         activation_offload: With activation checkpointing, keep those layer inputs in pinned CPU memory (copied
             on a side stream during the forward pass, back before the layer's recomputation) instead of GPU
-            memory: saves seq × hidden × 2 bytes per decoder layer (1 GiB at seq 4096 for Llama-3-8B).
+            memory: saves seq × hidden × 2 bytes per decoder layer (1 GiB at seq 4096 for Llama-3-8B). Within 80%
+            of the host memory available at the start (split between a node's GPUs): inputs past that stay in GPU
+            memory, with a warning.
         timeout: Timeout of collective operations.
         accelerator: Set by the Trainer.
         parallel_devices: Set by the Trainer.
