@@ -83,8 +83,9 @@ class CausalLMModule(pl.LightningModule):
             "flash", "efficient" (memory-efficient), "math"; e.g. ``[cudnn, flash]`` prefers cuDNN and falls back
             to flash attention where cuDNN does not take a call. Unset: torch's own choice (flash, then
             memory-efficient, then math, then cuDNN). Set for the whole run in every process (training, evaluation,
-            compiled layers); a call that none of the named kernels takes fails with torch's reasons. On the CPU
-            torch tries flash before math whatever the order.
+            compiled layers). Before training, a list none of whose kernels takes the model's causal attention on
+            the device in ``dtype`` is refused with torch's reason; a masked call (sliding windows) that none takes
+            fails when it runs. On the CPU torch tries flash before math whatever the order.
         trust_remote_code: Allow custom model code from ``model_dir``'s config.
         random_weights: Random weights instead of ``model_dir``'s checkpoint (which then needs only
             ``config.json``): for measuring the speed and memory of a shape without its weights, as
@@ -275,6 +276,8 @@ class CausalLMModule(pl.LightningModule):
         if self.base is not None:
             self.base.check_device(device)
         self.source.flex_for_documents(device)  # document_attention=flex where the device's kernels refuse the model
+        if self.sdpa_backends is not None:
+            self.source.check_sdpa_backends(self.sdpa_backends, device)
         try:
             datamodule = self.trainer.datamodule
         except RuntimeError:  # not attached to a Trainer

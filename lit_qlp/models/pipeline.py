@@ -252,6 +252,31 @@ class ModelSource:
             return False
         return self.document_attention == "flex" or on_cuda
 
+    def check_sdpa_backends(self, backends: list[str], device: torch.device) -> None:
+        """Raises ValueError when none of the SDPA ``backends`` (``model.sdpa_backends``) takes this model's causal
+        attention on ``device`` in its dtype (a short sequence of its head shape, grouped key/value heads as
+        transformers passes them): before training, rather than at the first attention call. Calls with a mask
+        (sliding windows) are not probed."""
+        if self.attn_implementation != "sdpa":
+            return
+        heads = self.config.num_attention_heads
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or heads
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
+        query = torch.zeros(1, heads, 16, head_dim, dtype=self.dtype, device=device)
+        key = torch.zeros(1, kv_heads, 16, head_dim, dtype=self.dtype, device=device)
+        try:
+            with sdpa_priority(backends), torch.no_grad():
+                nn.functional.scaled_dot_product_attention(
+                    query, key, key, is_causal=True, enable_gqa=kv_heads != heads
+                )
+        except RuntimeError as error:
+            raise ValueError(
+                f"model.sdpa_backends={list(backends)!r}: none of these kernels takes this model's attention on "
+                f"{torch.device(device).type} in {str(self.dtype).removeprefix('torch.')} ({heads}/{kv_heads} heads of "
+                f"{head_dim}); torch says: {str(error).splitlines()[0]} Add a kernel that does (flash, or math, which "
+                "takes every call) or leave model.sdpa_backends unset"
+            ) from None
+
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for p in self.submodule(name).parameters())
 

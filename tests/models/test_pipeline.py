@@ -258,3 +258,16 @@ def test_sdpa_priority_tries_the_named_kernels_in_order_on_cuda():
         results[order[0]] = [out.float()] + [t.grad.float() for t in inputs]
     for got, expected in zip(results["cudnn"], results["flash"]):
         torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2)
+
+
+def test_sdpa_backends_that_no_kernel_of_the_device_takes_are_refused_before_training(tiny_model):
+    """``check_device`` (which the strategy calls before anything is written) probes the model's attention shape:
+    cuDNN alone on the CPU is refused naming the option, the device, the dtype and torch's reason; flash passes."""
+    from lit_qlp.module import CausalLMModule
+
+    model_dir = tiny_model("llama")
+    CausalLMModule(model_dir, dtype="float32", sdpa_backends=["flash"]).check_device(torch.device("cpu"))
+    module = CausalLMModule(model_dir, dtype="float32", sdpa_backends=["cudnn"])
+    message = r"model.sdpa_backends=\['cudnn'\]: none of these kernels takes this model's attention on cpu in float32"
+    with pytest.raises(ValueError, match=message + r" \(4/2 heads of 8\); torch says: No viable backend"):
+        module.check_device(torch.device("cpu"))
