@@ -27,18 +27,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark import synchronize  # noqa: E402  (tools/, this script's directory)
+
 from lit_qlp.models.pipeline import SDPA_BACKENDS, sdpa_priority  # noqa: E402
 
 BACKWARD_FACTOR = 2.5
 """FLOPs of the backward pass against the forward's (five matmuls against two)."""
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(function, device: torch.device, repeats: int) -> float:
+def time_call(function, device: str, repeats: int) -> float:
     """Median seconds of ``function()`` after one untimed call."""
     function()
     synchronize(device)
@@ -76,8 +73,8 @@ def measure(args, backend: str, grouped: bool) -> dict:
     try:
         with sdpa_priority([backend]):
             with torch.no_grad():
-                row["forward_s"] = time_call(forward, device, args.repeats)
-            row["step_s"] = time_call(forward_backward, device, args.repeats)
+                row["forward_s"] = time_call(forward, args.device, args.repeats)
+            row["step_s"] = time_call(forward_backward, args.device, args.repeats)
     except RuntimeError as error:
         row["error"] = str(error).splitlines()[0][:120]
         return row

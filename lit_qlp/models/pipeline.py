@@ -233,6 +233,11 @@ class ModelSource:
     def submodule(self, name: str) -> nn.Module:
         return self.skeleton.get_submodule(name)
 
+    @property
+    def head_dim(self) -> int:
+        """Dimensions of each attention head: the config's ``head_dim``, else hidden size / heads."""
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
     def flex_for_documents(self, device: torch.device) -> bool:
         """Whether stages on ``device`` run FlexAttention for documents packed on their own (``document_attention``).
 
@@ -242,7 +247,7 @@ class ModelSource:
         if self.attn_implementation != "sdpa" or self.document_attention == "mask":
             return False
         on_cuda = torch.device(device).type == "cuda"
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        head_dim = self.head_dim
         if on_cuda and head_dim < FLEX_MIN_HEAD_DIM:
             if self.document_attention == "flex":
                 raise ValueError(
@@ -259,9 +264,8 @@ class ModelSource:
         (sliding windows) are not probed."""
         if self.attn_implementation != "sdpa":
             return
-        heads = self.config.num_attention_heads
+        heads, head_dim = self.config.num_attention_heads, self.head_dim
         kv_heads = getattr(self.config, "num_key_value_heads", None) or heads
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
         query = torch.zeros(1, heads, 16, head_dim, dtype=self.dtype, device=device)
         key = torch.zeros(1, kv_heads, 16, head_dim, dtype=self.dtype, device=device)
         try:

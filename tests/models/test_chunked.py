@@ -10,14 +10,13 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from lit_qlp.adapters.lora import LoraAdapter, LoraLinear
 from lit_qlp.models.chunked import ChunkedMLP, chunk_mlp
 from lit_qlp.models.pipeline import DecoderLayerPipe, ModelSource, StageBuilder, sdpa_priority
-from lit_qlp.models.stash import ATTENTION_OPS
 from lit_qlp.strategies.offload import offloaded_checkpoint
+from tests.models.test_pipeline import AttentionKernels
 from tests.runs import ROOT, fit_args, run_cli, scalars
 
 SEQ = 13
@@ -147,23 +146,6 @@ def test_offloaded_checkpoint_skips_the_mlp_in_its_recomputation(tiny_model):
     layer.layer.mlp._mlp[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[-2]))
     step([layer], "offload")
     assert calls == [SEQ, SEQ]  # forward, recomputation: plain checkpointing
-
-
-class AttentionKernels(TorchDispatchMode):
-    """Counts the fused attention kernels that run (forward) and their backward ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.forward = self.backward = 0
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in ATTENTION_OPS:
-            self.forward += 1
-            self.names.append(str(func))
-        elif "scaled_dot_product" in str(func) and "backward" in str(func):
-            self.backward += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3_moe"])

@@ -178,16 +178,20 @@ def test_two_stages_in_two_processes_match_hf(tiny_model):
         torch.testing.assert_close(loss, reference.loss, msg=lambda m: f"{arch}: {m}")
 
 
-class AttentionOps(TorchDispatchMode):
-    """The fused attention kernels that run, by op name."""
+class AttentionKernels(TorchDispatchMode):
+    """Counts the fused attention kernels that run (forward, by op name in ``names``) and their backward ops."""
 
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.forward = self.backward = 0
+        self.names = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in ATTENTION_OPS:
-            self.ops.append(str(func))
+            self.forward += 1
+            self.names.append(str(func))
+        elif "scaled_dot_product" in str(func) and "backward" in str(func):
+            self.backward += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -201,21 +205,21 @@ def test_sdpa_backends_of_the_module_hold_from_setup_to_teardown_and_give_the_sa
     source = ModelSource(model_dir, dtype="float32")
     layers = stage_layers(source, loss=TokenWeightedLoss())
     ids = batch()
-    with torch.no_grad(), AttentionOps() as default:
+    with torch.no_grad(), AttentionKernels() as default:
         expected = layers[-1].logits(run_layers(layers, ids))
-    assert default.ops and all("flash_attention_for_cpu" in op for op in default.ops)
+    assert default.names and all("flash_attention_for_cpu" in op for op in default.names)
     module = CausalLMModule(model_dir, dtype="float32", sdpa_backends=["math"])
     module.setup("fit")
     try:
-        with torch.no_grad(), AttentionOps() as math:
+        with torch.no_grad(), AttentionKernels() as math:
             got = layers[-1].logits(run_layers(layers, ids))
     finally:
         module.teardown("fit")
-    assert math.ops == []
+    assert math.names == []
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    with torch.no_grad(), AttentionOps() as after:
+    with torch.no_grad(), AttentionKernels() as after:
         run_layers(layers, ids)
-    assert after.ops == default.ops
+    assert after.names == default.names
     with pytest.raises(ValueError, match=r"model.sdpa_backends=\['fast'\].*'cudnn', 'efficient', 'flash', 'math'"):
         CausalLMModule(model_dir, dtype="float32", sdpa_backends=["fast"])
 
@@ -225,12 +229,12 @@ def test_sdpa_priority_runs_only_the_named_kernels():
     ``[cudnn]`` alone has no kernel there: torch's error. No names: refused. (The CPU tries flash before math
     whatever the order; the order is CUDA's, tested below.)"""
     q = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(0))
-    with sdpa_priority(["flash", "math"]), AttentionOps() as counted:
+    with sdpa_priority(["flash", "math"]), AttentionKernels() as counted:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    assert counted.ops == ["aten._scaled_dot_product_flash_attention_for_cpu.default"]
-    with sdpa_priority(["math"]), AttentionOps() as counted:
+    assert counted.names == ["aten._scaled_dot_product_flash_attention_for_cpu.default"]
+    with sdpa_priority(["math"]), AttentionKernels() as counted:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    assert counted.ops == []
+    assert counted.names == []
     with sdpa_priority(["cudnn"]), pytest.raises(RuntimeError, match="No viable backend"):
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     with pytest.raises(ValueError, match="name one or more"):
@@ -251,10 +255,10 @@ def test_sdpa_priority_tries_the_named_kernels_in_order_on_cuda():
     results = {}
     for order in (["cudnn", "flash"], ["flash", "cudnn"]):
         inputs = [t.clone().requires_grad_(True) for t in (q, kv[0], kv[1])]
-        with sdpa_priority(order), AttentionOps() as counted:
+        with sdpa_priority(order), AttentionKernels() as counted:
             out = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=True)
             out.float().square().sum().backward()
-        assert len(counted.ops) == 1 and order[0] in counted.ops[0], (order, counted.ops)
+        assert len(counted.names) == 1 and order[0] in counted.names[0], (order, counted.names)
         results[order[0]] = [out.float()] + [t.grad.float() for t in inputs]
     for got, expected in zip(results["cudnn"], results["flash"]):
         torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2)
