@@ -29,7 +29,8 @@ per optimizer step, activation checkpointing unless the mode says otherwise):
 - ``lit-lora-fast`` / ``lit-qlora-fast``: the low-rank path computed in bf16 (LoRA's ``compute_in_weight_dtype:
   false``).
 - ``lit-qlora-attn`` (MoE): LoRA on the attention projections only, the experts frozen in 4-bit;
-  ``lit-qlora-expert-r2``: rank-2 pairs on the fused expert tensors (LoRA's ``expert_rank``), ``--rank`` elsewhere.
+  ``lit-qlora-expert-r2``: rank-2 pairs on the fused expert tensors (LoRA's ``expert_rank``), ``--rank`` elsewhere;
+  ``lit-qlora-expert-r2-compile``: the same, the low-rank path in bf16 and each decoder layer compiled.
 - ``lit-lora-compile`` / ``lit-qlora-compile``: the fast path with each decoder layer under ``torch.compile``
   (``compile_layers: true``); ``-embcpu`` adds ``embeddings_on_cpu``, ``lit-lora-compile-offload`` and
   ``lit-qlora-compile-embcpu-offload`` ``activation_offload``.
@@ -70,6 +71,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -411,6 +413,7 @@ LIT_MODES = {
     "lit-qlora-attn": dict(training="qlora", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     # MoE: rank-2 pairs on the experts (--rank on the linear layers).
     "lit-qlora-expert-r2": dict(training="qlora", expert_rank=2),
+    "lit-qlora-expert-r2-compile": dict(training="qlora", expert_rank=2, **FAST, compile_layers=True),
 }
 """Each lit mode: ``training`` (lora: LoRA on a bf16 base; qlora: LoRA on an nf4 double-quant base; full), the
 LoRA's ``compute_in_weight_dtype``, the strategy's activation options and the module's other options."""
@@ -590,8 +593,28 @@ BASELINE = (
         "hf-qlora-kbit": "hf-qlora",
         "lit-qlora-attn": "hf-qlora-attn",
         "lit-qlora-expert-r2": "hf-qlora-expert-r2",
+        "lit-qlora-expert-r2-compile": "hf-qlora-expert-r2",
     }
 )
+
+
+def run_mode(command: list[str]) -> tuple[int, str, str]:
+    """Run one mode's process: its stderr goes on to ours line by line as it comes (each step's time, so that a run
+    cut short by a time limit still shows what it measured) and is kept too; returns (exit status, stdout, stderr)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kept: list[str] = []
+
+    def forward() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            kept.append(line)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    thread.join()
+    return proc.returncode, stdout, "".join(kept)
 
 
 def main() -> None:
@@ -664,12 +687,12 @@ def main() -> None:
     results = {}
     for mode in modes:
         command = [sys.executable, __file__, "--run", mode] + [a for a in sys.argv[1:] if a != "--run"]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            print(f"benchmark mode {mode} failed (exit {proc.returncode})", file=sys.stderr)
-            last = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        returncode, stdout, stderr = run_mode(command)
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        if returncode != 0 or not lines:
+            print(stdout[-2000:], file=sys.stderr)
+            print(f"benchmark mode {mode} failed (exit {returncode})", file=sys.stderr)
+            last = stderr.strip().splitlines()[-1:] or ["?"]
             results[mode] = {"error": last[0][:200]}
             continue
         results[mode] = json.loads(lines[-1][len("RESULT ") :])

@@ -78,7 +78,9 @@ class Combine(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``x[rows of e] @ weight[e]`` for every expert ``e``: x [S, K], weight [E, K, N], offsets [E] (int32, the end
     row of each expert's rows) -> [S, N]."""
-    fused = hasattr(F, "grouped_mm") and (x.device.type != "cuda" or x.dtype == torch.bfloat16)
+    # torch.compile's grouped_mm takes bf16 only, on every device; eager takes any dtype on the CPU.
+    eager_cpu = x.device.type != "cuda" and not torch.compiler.is_compiling()
+    fused = hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or eager_cpu)
     if fused:
         return F.grouped_mm(x, weight, offs=offsets)
     ends = offsets.tolist()

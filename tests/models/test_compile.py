@@ -60,7 +60,7 @@ def assert_compiled_equals_eager(model_dir, quantization=None, device="cpu", dty
     return compiled_layers
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "mistral", "qwen3_moe"])
 def test_compiled_decoder_layers_match_eager_outputs_and_gradients(tiny_model, arch):
     assert_compiled_equals_eager(tiny_model(arch))
 
@@ -137,3 +137,5 @@ def test_compiled_4bit_decoder_layers_match_eager_on_cuda(tiny_model):
     quantization = Quantization(compute_dtype=torch.bfloat16)
     assert_compiled_equals_eager(tiny_model("llama"), quantization, "cuda", "bfloat16", tolerance=3e-2)
     assert_compiled_equals_eager(tiny_model("llama"), None, "cuda", "bfloat16", tolerance=3e-2)
+    # 4-bit experts with LoRA on them: grouped matmuls and the routing inside the compiled graph.
+    assert_compiled_equals_eager(tiny_model("qwen3_moe"), quantization, "cuda", "bfloat16", tolerance=3e-2)
