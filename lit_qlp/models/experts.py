@@ -114,14 +114,25 @@ def split_lora(module: nn.Module, name: str) -> tuple[torch.Tensor, ExpertLora |
 def low_rank(x: torch.Tensor, lora: ExpertLora, offsets: torch.Tensor) -> torch.Tensor:
     """``s · (x A_eᵀ) B_eᵀ`` of every row's expert: two grouped matmuls of rank r (padded to ``RANK_ALIGNMENT``)."""
     a, b = lora.factors()  # [E, r, in], [E, out, r]
-    a, b = a.to(x.dtype), b.to(x.dtype)
+    a = a.to(x.dtype)
     pad = -lora.rank % RANK_ALIGNMENT
     if pad:
         a = F.pad(a, (0, 0, 0, pad))
-        b = F.pad(b, (0, pad))
     # [E, in, r] column-major as A is stored; B's columns are interleaved by expert, so [E, r, out] is copied.
     hidden = grouped_mm(x, a.transpose(1, 2), offsets)
-    return grouped_mm(hidden, b.transpose(1, 2).contiguous(), offsets) * lora.scaling
+    return grouped_mm(hidden, expert_b_rows(b, x.dtype, pad), offsets) * lora.scaling
+
+
+@torch.compiler.disable
+def expert_b_rows(b: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Tensor:
+    """B_e of every expert as ``grouped_mm``'s right operand, [E, r + pad, out] row-major, in ``dtype``, its ``pad``
+    extra rows zero.
+
+    Run eagerly inside a compiled layer: Inductor (torch 2.11-2.13) fuses this copy into the matmul's input and may
+    lay the buffer out with the experts innermost (strides [1, r, r·E] from PEFT's interleaved columns), which
+    ``grouped_mm`` refuses ("Invalid strides/sizes").
+    """
+    return F.pad(b.to(dtype), (0, pad)).transpose(1, 2).contiguous()
 
 
 def expert_linear(

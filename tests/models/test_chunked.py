@@ -64,7 +64,7 @@ def step(layers, checkpoint_with: str, seed: int = 5):
         if checkpoint_with == "torch":
             x = checkpoint(layer, x, use_reentrant=False)
         elif checkpoint_with == "offload":
-            x = offloaded_checkpoint(layer, x)
+            x = offloaded_checkpoint(lambda *inputs, layer=layer: layer(inputs), *x)  # as DeepSpeed calls it
         else:
             x = layer(x)
     (x[0].float() * torch.linspace(-1, 1, hidden_size, device=like.device)).square().mean().backward()
