@@ -116,7 +116,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, function, anchor, *inputs):
+    def forward(ctx, function, anchor, passed, *inputs):
         ctx.function = function
         ctx.devices = [x.device if isinstance(x, torch.Tensor) else None for x in inputs]
         ctx.grad_inputs = [isinstance(x, torch.Tensor) and x.requires_grad for x in inputs]
@@ -133,6 +133,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.single = single
         outputs = (outputs,) if single else tuple(outputs)
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        for i, output in enumerate(outputs):
+            if not output.is_floating_point():
+                passed.update({i: j for j, x in enumerate(inputs) if output is x})
         return outputs[0] if single else outputs
 
     @staticmethod
@@ -141,7 +144,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.cuda.current_stream().wait_stream(_copy_stream(next(iter(ctx.cuda_rng))))
         inputs = []
         for saved, device, needs_grad in zip(ctx.saved, ctx.devices, ctx.grad_inputs):
-            if isinstance(saved, torch.Tensor):
+            if isinstance(saved, torch.Tensor) and saved.is_floating_point():
                 saved = saved.to(device, non_blocking=True).detach().requires_grad_(needs_grad)
             inputs.append(saved)
         with torch.random.fork_rng(devices=list(ctx.cuda_rng)):
@@ -158,7 +161,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         input_grads = [
             x.grad if isinstance(x, torch.Tensor) and needs else None for x, needs in zip(inputs, ctx.grad_inputs)
         ]
-        return (None, None, *input_grads)
+        return (None, None, None, *input_grads)
 
 
 def offloaded_checkpoint(function, *inputs):
@@ -169,7 +172,15 @@ def offloaded_checkpoint(function, *inputs):
     recomputing checkpoint (nothing to offload).
     """
     anchor = torch.empty(0, requires_grad=True)
-    return _OffloadedCheckpoint.apply(function, anchor, *inputs)
+    passed: dict[int, int] = {}  # output index -> input index, for integer inputs the function returned as they came
+    outputs = _OffloadedCheckpoint.apply(function, anchor, passed, *inputs)
+    if not passed:
+        return outputs
+    # autograd returns a new view of each; the input itself goes on instead, so that the next layer meets the same
+    # position_ids tensor and reuses the mask and rotary tables computed for it (models.pipeline.PositionCache).
+    if isinstance(outputs, torch.Tensor):
+        return inputs[passed[0]]
+    return tuple(inputs[passed[i]] if i in passed else output for i, output in enumerate(outputs))
 
 
 __all__ = ["offloaded_checkpoint"]

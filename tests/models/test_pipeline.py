@@ -83,6 +83,30 @@ def test_mask_and_rotary_are_computed_once_per_micro_batch(tiny_model, monkeypat
     assert not torch.allclose(unpacked[:, 10:], reference[:, 10:])
 
 
+def test_offloaded_layers_compute_mask_and_rotary_once_per_micro_batch(tiny_model, monkeypatch):
+    """Under activation offload (long_context) as under torch's checkpoint: the first layer computes the mask, every
+    later layer and every recomputation in the backward pass reuses it. The offloaded checkpoint once passed a new view
+    of position_ids on, so each layer computed and kept its own rotary tables (1 GiB at 64k tokens on Llama-3-8B)."""
+    import transformers.masking_utils as masking_utils
+
+    from lit_qlp.strategies.offload import offloaded_checkpoint
+
+    checks = []
+    find_packed = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: checks.append(p) or find_packed(p))
+    source = ModelSource(tiny_model("llama"), dtype="float32")
+    *layers, head = stage_layers(source)
+    for layer in layers:
+        layer.requires_grad_(True)
+    ids = batch()
+    x = (ids, torch.arange(SEQ).unsqueeze(0), torch.zeros_like(ids))
+    x = layers[0](x)  # the embedding
+    for layer in layers[1:]:
+        x = offloaded_checkpoint(lambda *inputs, layer=layer: layer(inputs), *x)  # as DeepSpeed calls it
+    head.logits(head(x)).square().mean().backward()
+    assert len(checks) == 1
+
+
 def test_position_cache_recomputes_for_another_or_changed_tensor():
     cache, calls = PositionCache(), []
 
