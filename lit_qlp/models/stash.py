@@ -28,11 +28,13 @@ from lit_qlp.compat.torch import torch_dispatch_mode, tree_map
 
 
 class _Offloaded:
-    """A kept tensor and the device it goes back to."""
+    """A kept tensor, the device it goes back to and, once ``CheckpointStash.prefetch`` started its copy back, what
+    gives that copy."""
 
     def __init__(self, tensor: torch.Tensor, device: torch.device) -> None:
         self.tensor = tensor
         self.device = device
+        self.ready: Callable[[], torch.Tensor] | None = None
 
 
 class _NoRoom(Exception):
@@ -67,9 +69,24 @@ class CheckpointStash:
     @staticmethod
     def _restore(value: Any) -> Any:
         if isinstance(value, _Offloaded):
+            if value.ready is not None:
+                return value.ready()
             # detached: a tensor of its own, on which the recomputation's autograd history goes
             return value.tensor.to(value.device, non_blocking=True).detach()
         return value
+
+    def prefetch(self, fetch: Callable[[torch.Tensor, torch.device], Callable[[], torch.Tensor]]) -> None:
+        """Starts bringing every kept tensor not yet taken back to its device, ahead of the recomputation:
+        ``fetch(stored, device)`` starts the copy and returns what gives it (``take`` then uses that). Tensors
+        already on their device are left as they are."""
+
+        def start(value: Any) -> Any:
+            if isinstance(value, _Offloaded) and value.ready is None and value.tensor.device != value.device:
+                value.ready = fetch(value.tensor, value.device)
+            return value
+
+        for _, values in self.entries[self._next :]:
+            tree_map(start, values, is_leaf=lambda v: isinstance(v, _Offloaded))
 
     def keep(self, tag: Any, values: Any) -> bool:
         """Stores ``values`` (a tensor or a nest of tuples and lists of them and other values) under ``tag``;

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from lit_qlp.models.stash import CheckpointStash, stashing
 
@@ -25,6 +27,48 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
         host.copy_(tensor, non_blocking=True)
     tensor.record_stream(stream)  # its memory is not reused before the copy has read it
     return host
+
+
+def _fetch(host: torch.Tensor, device: torch.device) -> Callable[[], torch.Tensor]:
+    """Starts copying a pinned host tensor to ``device`` on the side stream, behind the GPU work queued so far (the
+    copy's memory comes from the compute stream's pool), so that it overlaps the work queued after it. Returns what
+    gives the copy: the compute stream waits for it there."""
+    compute = torch.cuda.current_stream(device)
+    stream = _copy_stream(device)
+    copy = torch.empty(host.shape, dtype=host.dtype, device=device)
+    stream.wait_stream(compute)
+    with torch.cuda.stream(stream):
+        copy.copy_(host, non_blocking=True)
+    copy.record_stream(stream)  # not reused before the copy is done, even if it is never taken
+    done = torch.cuda.Event()
+    done.record(stream)
+
+    def ready() -> torch.Tensor:
+        torch.cuda.current_stream(device).wait_event(done)
+        return copy
+
+    return ready
+
+
+def _prefetch(ctx) -> None:
+    """Starts copying back what a checkpoint's backward pass will need (its offloaded inputs and kept outputs) while
+    the backward pass of the layer after it runs: the copies then overlap that layer's computation instead of
+    delaying the compute stream at the start of this one's. One layer ahead: one more layer's inputs and kept
+    outputs in GPU memory."""
+    if not ctx.cuda_rng or ctx.saved is None or ctx.ready is not None:
+        return
+    ctx.ready = [
+        _fetch(saved, device)
+        if isinstance(saved, torch.Tensor) and device is not None and saved.device != device
+        else None
+        for saved, device in zip(ctx.saved, ctx.devices)
+    ]
+    ctx.stash.prefetch(_fetch)
+
+
+_PRODUCERS = WeakTensorKeyDictionary()
+"""Output tensor of an offloaded checkpoint -> (a weak reference to) its context: the checkpoint that takes it as
+input finds the one whose backward pass comes after its own, to prefetch for."""
 
 
 HOST_FRACTION = 0.8
@@ -107,12 +151,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """Runs ``function(*inputs)`` without keeping activations; keeps floating CUDA inputs on the host (on their GPU
     once ``HOST_BUDGET`` is full).
 
-    The backward pass copies the inputs back, recomputes the function with gradients and back-propagates through
-    it. What the function keeps during the forward pass in a ``CheckpointStash`` (``lit_qlp.models.stash``: the
-    outputs of chunked MLPs and of attention kernels under ``model.long_context``, also on the host) spares the
-    recomputation those parts. ``anchor`` is an empty tensor that requires grad, so that the backward runs even
-    when no input requires grad (the first stage, whose embedding output is frozen) and the parameters inside still
-    get gradients.
+    The backward pass copies the inputs back (or takes the copies that the next checkpoint's backward pass started,
+    ``_prefetch``), recomputes the function with gradients and back-propagates through it. What the function keeps
+    during the forward pass in a ``CheckpointStash`` (``lit_qlp.models.stash``: the outputs of chunked MLPs and of
+    attention kernels under ``model.long_context``, also on the host) spares the recomputation those parts.
+    ``anchor`` is an empty tensor that requires grad, so that the backward runs even when no input requires grad (the
+    first stage, whose embedding output is frozen) and the parameters inside still get gradients.
     """
 
     @staticmethod
@@ -127,12 +171,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             for x in inputs
         ]
         ctx.stash = CheckpointStash(offload=_keep_on_host)
+        ctx.ready = None
+        producers = [_PRODUCERS.get(x) for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        ctx.previous = next((p for p in producers if p is not None), None)
         with torch.no_grad(), stashing(ctx.stash, replaying=False):
             outputs = function(*inputs)
         single = isinstance(outputs, torch.Tensor)
         ctx.single = single
         outputs = (outputs,) if single else tuple(outputs)
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        for output in outputs:
+            if output.is_floating_point():
+                _PRODUCERS[output] = weakref.ref(ctx)
         for i, output in enumerate(outputs):
             if not output.is_floating_point():
                 passed.update({i: j for j, x in enumerate(inputs) if output is x})
@@ -143,10 +193,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if ctx.cuda_rng:
             torch.cuda.current_stream().wait_stream(_copy_stream(next(iter(ctx.cuda_rng))))
         inputs = []
-        for saved, device, needs_grad in zip(ctx.saved, ctx.devices, ctx.grad_inputs):
-            if isinstance(saved, torch.Tensor) and saved.is_floating_point():
+        ready = ctx.ready or [None] * len(ctx.saved)
+        for saved, device, needs_grad, copy in zip(ctx.saved, ctx.devices, ctx.grad_inputs, ready):
+            if copy is not None:
+                saved = copy().detach().requires_grad_(needs_grad)
+            elif isinstance(saved, torch.Tensor) and saved.is_floating_point():
                 saved = saved.to(device, non_blocking=True).detach().requires_grad_(needs_grad)
             inputs.append(saved)
+        previous = ctx.previous() if ctx.previous is not None else None
+        if previous is not None:
+            _prefetch(previous)
         with torch.random.fork_rng(devices=list(ctx.cuda_rng)):
             torch.set_rng_state(ctx.cpu_rng)
             for device, state in ctx.cuda_rng.items():
@@ -157,7 +213,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        ctx.saved = ctx.stash = None
+        ctx.saved = ctx.stash = ctx.ready = None
         input_grads = [
             x.grad if isinstance(x, torch.Tensor) and needs else None for x, needs in zip(inputs, ctx.grad_inputs)
         ]

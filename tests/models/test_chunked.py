@@ -343,3 +343,31 @@ def test_layer_inputs_stay_on_the_gpu_when_the_host_budget_is_full(tmp_path, mon
         result = step(layers, "offload")
     assert copies == [(1, SEQ, layers[0].config.hidden_size)] and budget.inputs_refused == len(layers) - 1 > 0
     assert_same_step(result, whole, 1e-4)
+
+
+@pytest.mark.gpu
+def test_backward_takes_what_the_layer_after_prefetched(tmp_path, monkeypatch):
+    """On CUDA the second layer's backward pass starts copying the first layer's offloaded input and kept outputs
+    back on the side stream; the first layer's backward takes every one of those copies (none made twice, none
+    left), and the gradients equal the layers' without long_context."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lit_qlp.strategies import offload
+    from tests.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model("llama", tmp_path / "llama", head_dim=16, num_key_value_heads=4)
+    whole = step(decoder_layers(model_dir, None, device="cuda", dtype="float32"), "none")
+    fetched, taken = [], []
+    fetch = offload._fetch
+
+    def counted(host, device):
+        fetched.append(tuple(host.shape))
+        ready = fetch(host, device)
+        return lambda: taken.append(tuple(host.shape)) or ready()
+
+    monkeypatch.setattr(offload, "_fetch", counted)
+    result = step(decoder_layers(model_dir, CHUNK, device="cuda", dtype="float32"), "offload")
+    hidden_size = ModelSource(model_dir).config.hidden_size
+    assert (1, SEQ, hidden_size) in fetched and len(fetched) > 1  # the input and kept outputs of the first layer
+    assert sorted(taken) == sorted(fetched)
+    assert_same_step(result, whole, 1e-4)

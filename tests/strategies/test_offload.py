@@ -42,3 +42,34 @@ def test_activation_offload_needs_activation_checkpointing():
 
     with pytest.raises(ValueError, match="activation_offload=True .*activation_checkpointing=True"):
         PipelineStrategy(activation_checkpointing=False, activation_offload=True)
+
+
+def test_each_backward_prefetches_for_the_checkpoint_whose_output_it_took(monkeypatch):
+    """A checkpoint's backward pass starts the copies back for the checkpoint that made its input, the one whose
+    backward pass comes next (on CUDA; on the CPU there is nothing to copy); the first, whose input no checkpoint
+    made, starts none. Micro-batches are chains of their own."""
+    from lit_qlp.strategies import offload
+
+    prefetched = []
+    monkeypatch.setattr(offload, "_prefetch", lambda ctx: prefetched.append(ctx.function.__name__))
+
+    def first(h, positions):
+        return h * 2, positions
+
+    def second(h, positions):
+        return h.sin(), positions
+
+    def third(h, positions):
+        return h * 3, positions
+
+    chains = []
+    for _ in range(2):  # two micro-batches, the second's forward before the first's backward
+        h = torch.randn(4, requires_grad=True)
+        x = (h, torch.arange(4))
+        for function in (first, second, third):
+            x = offload.offloaded_checkpoint(function, *x)
+        chains.append((h, x[0]))
+    for h, out in chains:
+        out.sum().backward()
+        torch.testing.assert_close(h.grad, 6 * (2 * h.detach()).cos())
+    assert prefetched == ["second", "first", "second", "first"]
