@@ -483,12 +483,15 @@ def run_lit(args, mode: str) -> dict:
         profiler = None
         kernel_seconds: float | None = None
         per_process: list[tuple[float, float | None]] = []  # (peak memory, GPU kernel seconds) of every process
+        timed_peak: float | None = None  # the peak up to the timed steps' end, before --memory's step resets it
 
         def on_train_end(self, trainer, pl_module):
-            self.per_process = trainer.strategy.all_gather_object((peak_memory(device), self.kernel_seconds))
+            peak = self.timed_peak if self.timed_peak is not None else peak_memory(device)
+            self.per_process = trainer.strategy.all_gather_object((peak, self.kernel_seconds))
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if args.memory and batch_idx == args.warmup + args.steps:  # one more step, not timed
+                self.timed_peak = peak_memory(device)
                 torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
                 torch.cuda.reset_peak_memory_stats()
             if args.profile and batch_idx == args.warmup + args.steps:  # one more step, not timed
@@ -641,7 +644,8 @@ def main() -> None:
         type=Path,
         default=None,
         help="lit modes on CUDA: record the allocator's history in one more step, after the timed ones, and write "
-        "what is live at its peak, by where it was allocated (tools/memory_peak.py), here",
+        "what is live at its peak, by where it was allocated (tools/memory_peak.py), here; the table's peak stays "
+        "the timed steps'",
     )
     parser.add_argument("--devices", type=int, default=1, help="lit modes: processes (one GPU each)")
     parser.add_argument("--pipeline-stages", type=int, default=1, help="lit modes: pipeline stages")
