@@ -180,11 +180,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.single = single
         outputs = (outputs,) if single else tuple(outputs)
         ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
-        for output in outputs:
+        for i, output in enumerate(outputs):
             if output.is_floating_point():
                 _PRODUCERS[output] = weakref.ref(ctx)
-        for i, output in enumerate(outputs):
-            if not output.is_floating_point():
+            else:
                 passed.update({i: j for j, x in enumerate(inputs) if output is x})
         return outputs[0] if single else outputs
 
